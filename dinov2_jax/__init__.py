@@ -1,0 +1,1 @@
+"""DINOv2 in JAX/Flax."""
