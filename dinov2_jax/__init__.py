@@ -1,1 +1,16 @@
-"""DINOv2 in JAX/Flax."""
+"""DINOv2 in JAX/Flax: Meta's self-supervised Vision Transformers, trainable, importable and exportable."""
+
+from dinov2_jax.api import (
+    Backbone,
+    Classifier,
+    backbone_state_dict,
+    create_pretrained_like,
+    head_state_dict,
+    load_backbone,
+    load_classifier,
+)
+from dinov2_jax.models.dino_head import DINOHead
+from dinov2_jax.models.vit import PRESETS, DinoVisionTransformer, ViTConfig, create_backbone, preset
+from dinov2_jax.weights.torch_format import CheckpointError, UnsafeCheckpointError
+
+__version__ = "0.1.0"

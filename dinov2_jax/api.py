@@ -1,0 +1,206 @@
+"""Public entry points: load a backbone or classifier from weights files, and export back to Meta's format."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dinov2_jax.models.dino_head import DINOHead
+from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig, check_image_shape, preset
+from dinov2_jax.weights import convert
+from dinov2_jax.weights.io import CONFIG_METADATA_KEY, read_weights, write_state_dict
+from dinov2_jax.weights.torch_format import CheckpointError
+
+
+def _abstract_backbone(cfg: ViTConfig) -> DinoVisionTransformer:
+  # Shapes only: loading real weights should not pay for a random initialisation first.
+  return nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def _fill(abstract_module: nnx.Module, params: Mapping) -> nnx.Module:
+  state = nnx.state(abstract_module)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(abstract_module, state)
+  return abstract_module
+
+
+def _hashable(value):
+  return tuple(value) if isinstance(value, (list, np.ndarray)) else value
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "method", "options"))
+def _apply(graphdef, state, images, masks, *, method: str, options: tuple):
+  module = nnx.merge(graphdef, state)
+  if method == "forward_features":
+    return module.forward_features(images, masks)
+  return getattr(module, method)(images, **dict(options))
+
+
+class Backbone:
+  """A DINOv2 backbone with its weights, ready to call.
+
+  Attributes:
+    config: the `ViTConfig`.
+    module: the Flax NNX `DinoVisionTransformer` (stateful object).
+    graphdef, params: `nnx.split(module)`, for functional use (`Backbone.apply`, jit, sharding).
+
+  All methods take NHWC float32 images (B, H, W, 3) normalised with the ImageNet mean/std, H and W
+  multiples of the patch size, and return jax arrays. Calls are jit-compiled once per input shape.
+  """
+
+  def __init__(self, module: DinoVisionTransformer):
+    self.module = module
+    self.config: ViTConfig = module.cfg
+    self.graphdef, self.params = nnx.split(module)
+
+  def _run(self, method, images, masks=None, **options):
+    images = jnp.asarray(images)
+    check_image_shape(images.shape, self.config.patch_size, self.config.in_chans)
+    options = tuple(sorted((k, _hashable(v)) for k, v in options.items()))
+    return _apply(self.graphdef, self.params, images, masks, method=method, options=options)
+
+  def forward_features(self, images, masks=None) -> dict[str, jax.Array]:
+    """Meta's `forward_features`: `x_norm_clstoken` (B,D), `x_norm_regtokens` (B,R,D),
+    `x_norm_patchtokens` (B,h*w,D), `x_prenorm` (B,1+R+h*w,D), `masks`."""
+    masks = None if masks is None else jnp.asarray(masks, bool)
+    return self._run("forward_features", images, masks)
+
+  def get_intermediate_layers(self, images, n: int | Sequence[int] = 1, reshape: bool = False,
+                              return_class_token: bool = False, norm: bool = True) -> tuple:
+    """Meta's `get_intermediate_layers`; `reshape=True` gives NHWC maps (B, h, w, D)."""
+    return self._run("get_intermediate_layers", images, n=n, reshape=reshape,
+                     return_class_token=return_class_token, norm=norm)
+
+  def __call__(self, images) -> jax.Array:
+    """The final-normed CLS token, (B, D)."""
+    return self._run("__call__", images)
+
+  @staticmethod
+  def apply(graphdef, params, images, method: str = "__call__", **kwargs):
+    """Functional form for use inside your own jit: `nnx.merge(graphdef, params).<method>(images, ...)`."""
+    return getattr(nnx.merge(graphdef, params), method)(images, **kwargs)
+
+  def state_dict(self, block_chunks: int = 0) -> dict[str, np.ndarray]:
+    """Meta-format state dict (`strict=True`-loadable by Meta's `DinoVisionTransformer`)."""
+    return backbone_state_dict(self.module, block_chunks=block_chunks)
+
+  def save(self, path: str | os.PathLike, block_chunks: int = 0) -> None:
+    """Writes Meta's format; `.pth` (torch.load(weights_only=True)-readable) or `.safetensors`."""
+    write_state_dict(self.state_dict(block_chunks), path, _config_metadata(self.config))
+
+
+def backbone_state_dict(module: DinoVisionTransformer, block_chunks: int = 0) -> dict[str, np.ndarray]:
+  """A backbone module's parameters as Meta's flat state dict (numpy, PyTorch layouts)."""
+  params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  sd = convert.params_to_meta(jax.device_get(params))
+  return convert.chunk_block_keys(sd, module.cfg.depth, block_chunks)
+
+
+def head_state_dict(head: DINOHead) -> dict[str, np.ndarray]:
+  """A DINOHead's parameters with Meta's keys (`mlp.0.weight`, ..., `last_layer.weight_g/_v`)."""
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(head, nnx.Param)))
+  return convert.params_to_meta(params, head_nlayers=len(head.mlp))
+
+
+def _config_metadata(cfg: ViTConfig) -> dict[str, str]:
+  return {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(cfg))}
+
+
+def backbone_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
+                             stored_config: Mapping[str, Any] | None = None, **overrides) -> Backbone:
+  """Builds a `Backbone` from a Meta-keyed (unchunked) state dict, inferring the architecture."""
+  fields = {k: v for k, v in (stored_config or {}).items() if k in ViTConfig.__dataclass_fields__}
+  cfg = convert.infer_backbone_config(state_dict, **{**fields, **overrides})
+  module = _abstract_backbone(cfg)
+  template = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  params = convert.meta_to_params(state_dict, template, strict=strict)
+  return Backbone(_fill(module, params))
+
+
+def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: Any) -> Backbone:
+  """Loads a DINOv2 backbone from a weights file.
+
+  Args:
+    path: a Meta hub backbone (`dinov2_vitb14_pretrain.pth`), a Meta teacher checkpoint
+      (`{"teacher": ...}`), a `transformers` Dinov2 state dict (`.safetensors`/`.bin`), or one of our
+      exports. Pickles are read without executing code.
+    strict: fail on missing or unexpected keys (shape mismatches always fail).
+    **overrides: `ViTConfig` fields replacing the inferred ones, e.g. `interpolate_offset=0.0`,
+      `dtype="bfloat16"`, `num_heads=...`.
+
+  Returns:
+    A `Backbone`.
+  """
+  weights = read_weights(path)
+  if weights.backbone is None:
+    raise CheckpointError(f"{path}: holds a {weights.kind.replace('_', ' ')}, not a backbone")
+  try:
+    return backbone_from_state_dict(weights.backbone, strict=strict, stored_config=weights.config, **overrides)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def create_pretrained_like(name: str, seed: int = 0, **overrides) -> Backbone:
+  """A randomly initialised `Backbone` with a hub preset's architecture (e.g. "dinov2_vits14")."""
+  return Backbone(DinoVisionTransformer(preset(name, **overrides), rngs=nnx.Rngs(seed)))
+
+
+class Classifier:
+  """Meta's hub linear classifier: a frozen backbone + a linear layer on CLS (+ patch-mean) features.
+
+  `n_layers` = 1: input `[x_norm_clstoken, x_norm_patchtokens.mean(1)]`; `n_layers` = 4: the CLS
+  tokens of the last 4 blocks (normed, oldest first) and the last block's patch mean.
+  Calling it on (B, H, W, 3) images returns (B, num_classes) logits.
+  """
+
+  def __init__(self, backbone: Backbone, weight: np.ndarray, bias: np.ndarray):
+    dim = backbone.config.embed_dim
+    in_dim = weight.shape[1]
+    n_layers = in_dim // dim - 1
+    if in_dim % dim or n_layers not in (1, 4) or n_layers > backbone.config.depth:
+      raise CheckpointError(
+          f"the linear head expects {in_dim}-dimensional inputs, but a head for this backbone "
+          f"(embed_dim {dim}) takes {2 * dim} (linear_head) or {5 * dim} (linear4_head): "
+          "the head belongs to a different backbone size")
+    self.backbone, self.n_layers = backbone, n_layers
+    self.weight, self.bias = jnp.asarray(weight, jnp.float32), jnp.asarray(bias, jnp.float32)
+
+  def features(self, images) -> jax.Array:
+    """The linear layer's input, (B, (1 + n_layers) * D)."""
+    return _classifier_features(self.backbone.graphdef, self.backbone.params, jnp.asarray(images), self.n_layers)
+
+  def __call__(self, images) -> jax.Array:
+    images = jnp.asarray(images)
+    check_image_shape(images.shape, self.backbone.config.patch_size, self.backbone.config.in_chans)
+    return self.features(images) @ self.weight.T + self.bias
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_layers"))
+def _classifier_features(graphdef, params, images, n_layers: int):
+  module = nnx.merge(graphdef, params)
+  if n_layers == 1:
+    out = module.forward_features(images)
+    return jnp.concatenate([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(1)], axis=-1)
+  layers = module.get_intermediate_layers(images, n=n_layers, return_class_token=True)
+  return jnp.concatenate([cls for _, cls in layers] + [layers[-1][0].mean(1)], axis=-1)
+
+
+def load_classifier(backbone_path: str | os.PathLike, head_path: str | os.PathLike, **overrides: Any) -> Classifier:
+  """Meta's ImageNet classifier from a backbone file and a `*_linear_head.pth` / `*_linear4_head.pth`."""
+  head = read_weights(head_path)
+  if head.linear_head is None:
+    raise CheckpointError(f"{head_path}: not a linear classifier head (expected keys 'weight' and 'bias')")
+  backbone = load_backbone(backbone_path, **overrides)
+  try:
+    return Classifier(backbone, head.linear_head["weight"], head.linear_head["bias"])
+  except CheckpointError as e:
+    raise CheckpointError(f"{head_path}: {e}") from None

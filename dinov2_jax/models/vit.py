@@ -1,0 +1,436 @@
+"""DINOv2 Vision Transformer backbone (Flax NNX), faithful to Meta's `DinoVisionTransformer`.
+
+Images are NHWC float32 (JAX convention); Meta's are NCHW. Everything else follows Meta: the
+constructor fields and their meanings, the token order `[cls, registers, patches]`, the mask token
+replacing patch embeddings before the positional embedding is added, registers inserted after it
+(they get no positional embedding), exact GELU, LayerNorm eps 1e-6, and Meta's positional-embedding
+resampling (see `posemb.py`).
+
+Parameter names mirror Meta's state-dict names (`blocks/3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`)
+so that the converter in `dinov2_jax.weights` stays a table, and so the optimizer can apply Meta's
+name-based rules (layer-wise decay, no decay on norms/biases/gammas) to the same strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dinov2_jax.models.posemb import resample_patch_pos_embed
+
+LAYER_NORM_EPS = 1e-6
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
+DROP_PATH_MODES = ("meta", "per_sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Backbone hyper-parameters. The first block of fields are Meta's constructor arguments.
+
+  Attributes:
+    img_size: training resolution; fixes the stored positional-embedding grid (img_size // patch_size).
+    patch_size: patch side in pixels.
+    in_chans: image channels.
+    embed_dim, depth, num_heads, mlp_ratio: transformer size.
+    qkv_bias, proj_bias, ffn_bias: biases of the attention input/output and FFN layers.
+    drop_path_rate: stochastic-depth rate (training only).
+    drop_path_uniform: same rate in every block (True) or `linspace(0, rate, depth)` (False).
+    init_values: LayerScale initial value; None or 0 disables LayerScale (no `ls1`/`ls2`).
+    ffn_layer: "mlp", "swiglu"/"swiglufused" (same layer, Meta's hidden-size rounding) or "identity".
+    num_register_tokens: number of register tokens.
+    interpolate_antialias: antialiased bicubic resampling of the positional embedding.
+    interpolate_offset: Meta's 0.1 offset in the resampling scale factor; 0 resamples by size.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters stay in `param_dtype`.
+    param_dtype: parameter dtype.
+    drop_path_mode: "meta" (Meta's behaviour: for rates > 0.1 the residual is computed for a random
+      subset of the batch and rescaled, otherwise per-sample drop path) or "per_sample" (always
+      per-sample drop path).
+    remat: recompute each block's activations in the backward pass (saves memory in training).
+  """
+
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  proj_bias: bool = True
+  ffn_bias: bool = True
+  drop_path_rate: float = 0.0
+  drop_path_uniform: bool = False
+  init_values: float | None = None
+  ffn_layer: str = "mlp"
+  num_register_tokens: int = 0
+  interpolate_antialias: bool = False
+  interpolate_offset: float = 0.1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  drop_path_mode: str = "meta"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.ffn_layer not in FFN_LAYERS:
+      raise ValueError(f"ffn_layer={self.ffn_layer!r}; expected one of {FFN_LAYERS}")
+    if self.drop_path_mode not in DROP_PATH_MODES:
+      raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; expected one of {DROP_PATH_MODES}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+
+  @property
+  def layerscale(self) -> bool:
+    return bool(self.init_values)
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def ffn_hidden_dim(self) -> int:
+    hidden = int(self.embed_dim * self.mlp_ratio)
+    if self.ffn_layer in ("swiglu", "swiglufused"):
+      # Meta's SwiGLUFFNFused keeps 2/3 of the MLP width, rounded up to a multiple of 8.
+      hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    return hidden
+
+  def block_drop_rates(self) -> list[float]:
+    if self.drop_path_uniform:
+      return [self.drop_path_rate] * self.depth
+    return [float(r) for r in np.linspace(0, self.drop_path_rate, self.depth)]
+
+  def replace(self, **changes: Any) -> "ViTConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# The eight backbones Meta released on torch hub. Shared settings: patch 14, 518 px positional grid
+# (37 x 37), LayerScale, all biases on, head dim 64.
+_HUB_COMMON = dict(img_size=518, patch_size=14, init_values=1.0)
+_REGISTERS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+_SIZES = {
+    "s": dict(embed_dim=384, depth=12, num_heads=6),
+    "b": dict(embed_dim=768, depth=12, num_heads=12),
+    "l": dict(embed_dim=1024, depth=24, num_heads=16),
+    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
+}
+PRESETS: dict[str, ViTConfig] = {}
+for _size, _fields in _SIZES.items():
+  PRESETS[f"dinov2_vit{_size}14"] = ViTConfig(**_HUB_COMMON, **_fields)
+  PRESETS[f"dinov2_vit{_size}14_reg"] = ViTConfig(**_HUB_COMMON, **_fields, **_REGISTERS)
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+  """The `ViTConfig` of a Meta hub model (e.g. "dinov2_vitb14_reg"), with fields overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}")
+  return PRESETS[name].replace(**overrides)
+
+
+def _dense(rngs, cfg: ViTConfig, d_in: int, d_out: int, bias: bool) -> nnx.Linear:
+  # Meta initialises every nn.Linear with trunc_normal(std=.02) truncated at +-2 (absolute), which is
+  # an untruncated normal in practice, and zero bias.
+  return nnx.Linear(
+      d_in, d_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def _layer_norm(rngs, cfg: ViTConfig, dim: int) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      dim, epsilon=LAYER_NORM_EPS, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      use_fast_variance=False, rngs=rngs)
+
+
+def _uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping p x p patches -> D features (Meta's Conv2d k=s=p). (B,H,W,C) -> (B,h*w,D)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    p, c = cfg.patch_size, cfg.in_chans
+    # PyTorch's default Conv2d init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)) for weight and bias.
+    bound = 1.0 / math.sqrt(c * p * p)
+    self.proj = nnx.Conv(
+        c, cfg.embed_dim, (p, p), strides=(p, p), padding="VALID",
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=_uniform(bound), bias_init=_uniform(bound), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.proj(x)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class LayerScale(nnx.Module):
+
+  def __init__(self, dim: int, init_values: float, param_dtype):
+    self.gamma = nnx.Param(jnp.full((dim,), init_values, param_dtype))
+
+  def __call__(self, x):
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; `qkv` rows are [q; k; v], each head-major, as in Meta."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.num_heads = cfg.num_heads
+    self.qkv = _dense(rngs, cfg, cfg.embed_dim, 3 * cfg.embed_dim, cfg.qkv_bias)
+    self.proj = _dense(rngs, cfg, cfg.embed_dim, cfg.embed_dim, cfg.proj_bias)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.fc1 = _dense(rngs, cfg, cfg.embed_dim, cfg.ffn_hidden_dim, cfg.ffn_bias)
+    self.fc2 = _dense(rngs, cfg, cfg.ffn_hidden_dim, cfg.embed_dim, cfg.ffn_bias)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class SwiGLUFFN(nnx.Module):
+  """Meta's SwiGLUFFNFused: `w12` packs [gate; value], out = w3(silu(gate) * value)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.w12 = _dense(rngs, cfg, cfg.embed_dim, 2 * cfg.ffn_hidden_dim, cfg.ffn_bias)
+    self.w3 = _dense(rngs, cfg, cfg.ffn_hidden_dim, cfg.embed_dim, cfg.ffn_bias)
+
+  def __call__(self, x):
+    gate, value = jnp.split(self.w12(x), 2, axis=-1)
+    return self.w3(jax.nn.silu(gate) * value)
+
+
+def _identity(x):
+  return x
+
+
+def _make_ffn(cfg: ViTConfig, rngs: nnx.Rngs):
+  if cfg.ffn_layer == "mlp":
+    return Mlp(cfg, rngs=rngs)
+  if cfg.ffn_layer in ("swiglu", "swiglufused"):
+    return SwiGLUFFN(cfg, rngs=rngs)
+  return _identity
+
+
+def _drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Per-sample stochastic depth: zero a sample's residual with prob `rate`, rescale the rest."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (mask.astype(x.dtype) / keep)
+
+
+def _residual_on_subset(x: jax.Array, residual_fn, rate: float, key: jax.Array) -> jax.Array:
+  """Meta's `drop_add_residual_stochastic_depth`: the residual of a random batch subset, rescaled.
+
+  The subset size `max(int(B * (1 - rate)), 1)` is static, so this is jit-friendly and also saves
+  the compute of the dropped samples, as in Meta.
+  """
+  b = x.shape[0]
+  subset = max(int(b * (1 - rate)), 1)
+  idx = jax.random.permutation(key, b)[:subset]
+  residual = residual_fn(x[idx])
+  return x.at[idx].add(residual.astype(x.dtype) * (b / subset))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
+
+  def __init__(self, cfg: ViTConfig, drop_rate: float, *, rngs: nnx.Rngs):
+    self.drop_rate = drop_rate
+    self.drop_path_mode = cfg.drop_path_mode
+    self.norm1 = _layer_norm(rngs, cfg, cfg.embed_dim)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm2 = _layer_norm(rngs, cfg, cfg.embed_dim)
+    self.mlp = _make_ffn(cfg, rngs)
+    if cfg.layerscale:
+      self.ls1 = LayerScale(cfg.embed_dim, cfg.init_values, jnp.dtype(cfg.param_dtype))
+      self.ls2 = LayerScale(cfg.embed_dim, cfg.init_values, jnp.dtype(cfg.param_dtype))
+    else:
+      self.ls1 = self.ls2 = _identity
+
+  def _attn_residual(self, x):
+    return self.ls1(self.attn(self.norm1(x)))
+
+  def _ffn_residual(self, x):
+    return self.ls2(self.mlp(self.norm2(x)))
+
+  def __call__(self, x: jax.Array, drop_path_key: jax.Array | None = None) -> jax.Array:
+    if drop_path_key is None or self.drop_rate <= 0.0:
+      x = x + self._attn_residual(x)
+      return x + self._ffn_residual(x)
+    key_attn, key_ffn = jax.random.split(drop_path_key)
+    if self.drop_path_mode == "meta" and self.drop_rate > 0.1:
+      x = _residual_on_subset(x, self._attn_residual, self.drop_rate, key_attn)
+      return _residual_on_subset(x, self._ffn_residual, self.drop_rate, key_ffn)
+    x = x + _drop_path(self._attn_residual(x), self.drop_rate, key_attn)
+    return x + _drop_path(self._ffn_residual(x), self.drop_rate, key_ffn)
+
+
+def _nearest_multiples(size: int, patch: int) -> str:
+  lo = max(size // patch, 1) * patch
+  hi = (size // patch + 1) * patch
+  return f"{lo} or {hi}" if lo != hi else f"{lo}"
+
+
+def check_image_shape(shape: Sequence[int], patch_size: int, in_chans: int = 3) -> None:
+  """Raises a ValueError naming the problem if `shape` is not (B, H, W, C) with H, W multiples of p."""
+  if len(shape) != 4:
+    raise ValueError(f"expected images of shape (batch, height, width, {in_chans}) (NHWC), got {tuple(shape)}")
+  _, h, w, c = shape
+  if c != in_chans:
+    hint = " The input looks NCHW; transpose it with x.transpose(0, 2, 3, 1)." if h == in_chans else ""
+    raise ValueError(f"expected {in_chans} channels in the last axis (NHWC), got shape {tuple(shape)}.{hint}")
+  for name, size in (("height", h), ("width", w)):
+    if size % patch_size or size == 0:
+      raise ValueError(
+          f"image {name} {size} is not a multiple of the patch size {patch_size}; "
+          f"resize or crop to {_nearest_multiples(size, patch_size)}")
+
+
+class DinoVisionTransformer(nnx.Module):
+  """Meta's DINOv2 backbone. Call `forward_features`, `get_intermediate_layers` or the module itself."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, dt = cfg.embed_dim, jnp.dtype(cfg.param_dtype)
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d), dt))
+    self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.grid_size ** 2 + 1, d), dt))
+    if cfg.num_register_tokens:
+      self.register_tokens = nnx.Param(
+          1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_register_tokens, d), dt))
+    self.mask_token = nnx.Param(jnp.zeros((1, d), dt))
+    self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in cfg.block_drop_rates()])
+    self.norm = _layer_norm(rngs, cfg, d)
+
+  def _pos_embed(self, h: int, w: int) -> jax.Array:
+    pos = self.pos_embed[...]
+    n_stored = pos.shape[1] - 1
+    if h * w == n_stored and h == w:  # Meta skips resampling only for square inputs of the stored size.
+      return pos
+    patch_pos = resample_patch_pos_embed(
+        pos[0, 1:], h, w, offset=self.cfg.interpolate_offset, antialias=self.cfg.interpolate_antialias)
+    return jnp.concatenate([pos[:, :1], patch_pos[None].astype(pos.dtype)], axis=1)
+
+  def prepare_tokens(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+    """(B,H,W,C) images [+ (B,h*w) bool masks] -> (B, 1+R+h*w, D) tokens, in Meta's order."""
+    check_image_shape(images.shape, self.cfg.patch_size, self.cfg.in_chans)
+    b, h, w = images.shape[0], images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size
+    x = self.patch_embed(images.astype(jnp.dtype(self.cfg.dtype)))
+    if masks is not None:
+      if masks.shape != (b, h * w):
+        raise ValueError(f"masks must have shape (batch, patches) = {(b, h * w)}, got {masks.shape}")
+      x = jnp.where(masks[..., None], self.mask_token[...].astype(x.dtype)[None], x)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self._pos_embed(h, w).astype(x.dtype)
+    if self.cfg.num_register_tokens:
+      reg = jnp.broadcast_to(self.register_tokens[...].astype(x.dtype), (b,) + self.register_tokens.shape[1:])
+      x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+    return x
+
+  def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = ()):
+    keys = [None] * len(self.blocks) if drop_path_key is None else list(jax.random.split(drop_path_key, len(self.blocks)))
+    kept = []
+    for i, block in enumerate(self.blocks):
+      if self.cfg.remat:
+        x = nnx.remat(lambda blk, y, k: blk(y, k))(block, x, keys[i])
+      else:
+        x = block(x, keys[i])
+      if i in keep:
+        kept.append(x)
+    return x, kept
+
+  def forward_features(
+      self, images: jax.Array, masks: jax.Array | None = None, *, drop_path_key: jax.Array | None = None
+  ) -> dict[str, jax.Array]:
+    """Meta's `forward_features`.
+
+    Args:
+      images: (B, H, W, C) float images, H and W multiples of the patch size.
+      masks: optional (B, h*w) bool, True where the patch embedding is replaced by the mask token.
+      drop_path_key: PRNG key; when given, stochastic depth is active (training mode).
+
+    Returns:
+      dict with `x_norm_clstoken` (B, D), `x_norm_regtokens` (B, R, D), `x_norm_patchtokens`
+      (B, h*w, D), `x_prenorm` (B, 1+R+h*w, D) and `masks` (as given), in the compute dtype.
+    """
+    x = self.prepare_tokens(images, masks)
+    x, _ = self._run_blocks(x, drop_path_key)
+    x_norm = self.norm(x)
+    r = self.cfg.num_register_tokens
+    return {
+        "x_norm_clstoken": x_norm[:, 0],
+        "x_norm_regtokens": x_norm[:, 1:r + 1],
+        "x_norm_patchtokens": x_norm[:, r + 1:],
+        "x_prenorm": x,
+        "masks": masks,
+    }
+
+  def get_intermediate_layers(
+      self,
+      images: jax.Array,
+      n: int | Sequence[int] = 1,
+      reshape: bool = False,
+      return_class_token: bool = False,
+      norm: bool = True,
+  ) -> tuple:
+    """Meta's `get_intermediate_layers`.
+
+    Args:
+      images: (B, H, W, C).
+      n: an int takes the last `n` blocks; a sequence takes those 0-based block indices.
+      reshape: return patch tokens as NHWC feature maps (B, h, w, D) instead of (B, h*w, D).
+      return_class_token: return `(patches, cls)` pairs, cls of shape (B, D).
+      norm: apply the final LayerNorm to each output.
+
+    Returns:
+      A tuple, in block order, of patch tokens (register tokens dropped) or `(patches, cls)` pairs.
+    """
+    depth = len(self.blocks)
+    keep = range(depth - n, depth) if isinstance(n, int) else n
+    keep = [int(i) for i in keep]
+    if any(not 0 <= i < depth for i in keep) or not keep:
+      raise ValueError(f"block indices {list(keep)} out of range for a backbone of depth {depth}")
+    x = self.prepare_tokens(images)
+    _, outputs = self._run_blocks(x, None, keep=keep)
+    if norm:
+      outputs = [self.norm(o) for o in outputs]
+    r = self.cfg.num_register_tokens
+    b, h, w = images.shape[0], images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size
+    patches = [o[:, r + 1:] for o in outputs]
+    if reshape:
+      patches = [p.reshape(b, h, w, -1) for p in patches]
+    if return_class_token:
+      return tuple(zip(patches, [o[:, 0] for o in outputs]))
+    return tuple(patches)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """The final-normed CLS token (B, D): Meta's `forward(x)` with its identity head."""
+    return self.forward_features(images)["x_norm_clstoken"]
+
+
+def create_backbone(cfg: ViTConfig | str, *, seed: int = 0, **overrides: Any) -> DinoVisionTransformer:
+  """Builds a randomly initialised backbone from a `ViTConfig` or a preset name (e.g. "dinov2_vits14")."""
+  if isinstance(cfg, str):
+    cfg = preset(cfg, **overrides)
+  elif overrides:
+    cfg = cfg.replace(**overrides)
+  return DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))

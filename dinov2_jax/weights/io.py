@@ -1,0 +1,120 @@
+"""Reading any supported weights file into Meta-keyed state dicts, and writing them back.
+
+Supported inputs (detected from the content, not only the name):
+- Meta hub backbones `dinov2_vit*14[_reg4]_pretrain.pth` (flat, Meta keys);
+- Meta training checkpoints `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}` (block keys
+  possibly chunked as `blocks.{chunk}.{i}.*`);
+- Meta linear classifier heads `*_linear_head.pth` / `*_linear4_head.pth` (`{"weight", "bias"}`);
+- Hugging Face `transformers` Dinov2 / Dinov2WithRegisters state dicts (`.safetensors` or `.bin`);
+- our own `.safetensors` exports (Meta keys, with the architecture in the header metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dinov2_jax.weights import convert
+from dinov2_jax.weights.safetensors_format import load_safetensors, save_safetensors
+from dinov2_jax.weights.torch_format import CheckpointError, load_pth, save_pth
+
+CONFIG_METADATA_KEY = "dinov2_jax.backbone_config"
+PTH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+WRITE_EXTENSIONS = (".pth", ".safetensors")
+
+
+@dataclasses.dataclass
+class WeightsFile:
+  """The contents of a weights file, normalised to Meta's key names.
+
+  Attributes:
+    kind: "backbone", "training_checkpoint", "huggingface" or "linear_head".
+    backbone: flat Meta-keyed backbone state dict (unchunked), or None.
+    heads: Meta-keyed head state dicts by name ("dino_head", "ibot_head").
+    linear_head: `{"weight": (classes, in), "bias": (classes,)}` for classifier heads, or None.
+    config: backbone fields stored in our own exports' metadata (may be empty).
+  """
+
+  kind: str
+  backbone: dict[str, np.ndarray] | None = None
+  heads: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+  linear_head: dict[str, np.ndarray] | None = None
+  config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _is_safetensors(path: str) -> bool:
+  if path.endswith(".safetensors"):
+    return True
+  with open(path, "rb") as f:
+    head = f.read(9)
+  return len(head) == 9 and head[8:9] == b"{"
+
+
+def _check_flat(tree: Mapping, path: str) -> dict[str, np.ndarray]:
+  bad = [k for k, v in tree.items() if not isinstance(v, np.ndarray)]
+  if bad:
+    raise CheckpointError(f"{path}: expected a flat state dict of tensors, but {bad[:5]} are not tensors")
+  return dict(tree)
+
+
+def read_weights(path: str | os.PathLike) -> WeightsFile:
+  """Reads and classifies a weights file. Raises `CheckpointError` with the reason and a fix."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file")
+  metadata: dict[str, str] = {}
+  if _is_safetensors(path):
+    obj, metadata = load_safetensors(path)
+  else:
+    obj = load_pth(path)
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+  config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else {}
+
+  if "teacher" in obj and isinstance(obj["teacher"], Mapping):
+    groups = convert.split_submodules(_check_flat(obj["teacher"], path))
+    if "backbone" not in groups:
+      raise CheckpointError(f"{path}: the 'teacher' state dict has no backbone.* keys")
+    heads = {k: v for k, v in groups.items() if k in ("dino_head", "ibot_head")}
+    other = sorted(set(groups) - {"backbone", "dino_head", "ibot_head"})
+    if other:
+      raise CheckpointError(f"{path}: unexpected submodules in the teacher state dict: {other}")
+    return WeightsFile("training_checkpoint", convert.unchunk_block_keys(groups["backbone"]), heads, config=config)
+  if "model" in obj and isinstance(obj["model"], Mapping):
+    raise CheckpointError(
+        f"{path}: this looks like a Meta training-state checkpoint (model_*.rank_*.pth, sharded by FSDP). "
+        "Use the teacher checkpoint Meta writes for evaluation (eval/training_*/teacher_checkpoint.pth).")
+  flat = _check_flat(obj, path)
+  if set(flat) == {"weight", "bias"} and flat["weight"].ndim == 2:
+    return WeightsFile("linear_head", linear_head=flat)
+  if convert.is_hf_state_dict(flat):
+    return WeightsFile("huggingface", convert.hf_to_meta(flat), config=config)
+  if any(k.startswith(("backbone.", "module.backbone.")) for k in flat):
+    groups = convert.split_submodules(flat)
+    heads = {k: v for k, v in groups.items() if k in ("dino_head", "ibot_head")}
+    return WeightsFile("training_checkpoint", convert.unchunk_block_keys(groups["backbone"]), heads, config=config)
+  if "cls_token" in flat or "pos_embed" in flat:
+    return WeightsFile("backbone", convert.unchunk_block_keys(flat), config=config)
+  raise CheckpointError(
+      f"{path}: not a recognised DINOv2 weights file (first keys: {', '.join(list(flat)[:6])}). Expected a "
+      "Meta hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers Dinov2 state dict.")
+
+
+def write_state_dict(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
+  """Writes a (nested for .pth) state dict; the format comes from the extension (.pth or .safetensors)."""
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in WRITE_EXTENSIONS:
+    raise CheckpointError(f"{path}: unknown output format {ext!r}; use one of {', '.join(WRITE_EXTENSIONS)}")
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  if ext == ".pth":
+    save_pth(tensors, path)
+  else:
+    save_safetensors(tensors, path, metadata)
