@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dinov2_jax.models.dino_head import DINOHead
-from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig, check_image_shape, preset
+from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig, check_image_shape, create_backbone
 from dinov2_jax.weights import convert
 from dinov2_jax.weights.io import CONFIG_METADATA_KEY, read_weights, write_state_dict
 from dinov2_jax.weights.torch_format import CheckpointError
@@ -126,6 +126,50 @@ def backbone_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bo
   return Backbone(_fill(module, params))
 
 
+def head_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bool = True) -> DINOHead:
+  """Builds a `DINOHead` from Meta-keyed head tensors (`mlp.*`, `last_layer.weight_g/_v`)."""
+  kwargs = convert.infer_head_config(state_dict)
+  in_dim, out_dim = kwargs.pop("in_dim"), kwargs.pop("out_dim")
+  head = nnx.eval_shape(lambda: DINOHead(in_dim, out_dim, **kwargs, rngs=nnx.Rngs(0)))
+  template = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+  params = convert.meta_to_params(state_dict, template, head_nlayers=kwargs["nlayers"], strict=strict,
+                                  what="DINO head")
+  return _fill(head, params)
+
+
+def load_training_checkpoint(path: str | os.PathLike, *, strict: bool = True,
+                             **overrides: Any) -> tuple[Backbone, dict[str, DINOHead]]:
+  """Loads a Meta teacher checkpoint (`{"teacher": {backbone.*, dino_head.*, ibot_head.*}}`).
+
+  Returns:
+    The backbone and a dict of heads (`"dino_head"`, and `"ibot_head"` when the run used a separate one).
+  """
+  weights = read_weights(path)
+  if weights.kind != "training_checkpoint":
+    raise CheckpointError(f"{path}: holds a {weights.kind.replace('_', ' ')}, not a training checkpoint "
+                          "with heads; use load_backbone for backbone-only files")
+  try:
+    backbone = backbone_from_state_dict(weights.backbone, strict=strict, stored_config=weights.config, **overrides)
+    heads = {name: head_from_state_dict(sd, strict=strict) for name, sd in weights.heads.items()}
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  return backbone, heads
+
+
+def save_training_checkpoint(path: str | os.PathLike, backbone: Backbone | DinoVisionTransformer,
+                             heads: Mapping[str, DINOHead], block_chunks: int = 0) -> None:
+  """Writes Meta's teacher-checkpoint layout: `{"teacher": {backbone.*, dino_head.*, ibot_head.*}}`.
+
+  `.pth` nests the dict as Meta does; `.safetensors` (flat by design) stores the `teacher.`-less keys.
+  """
+  module = backbone.module if isinstance(backbone, Backbone) else backbone
+  teacher = {f"backbone.{k}": v for k, v in backbone_state_dict(module, block_chunks).items()}
+  for name, head in heads.items():
+    teacher.update({f"{name}.{k}": v for k, v in head_state_dict(head).items()})
+  nested = str(path).endswith(".pth")
+  write_state_dict({"teacher": teacher} if nested else teacher, path, _config_metadata(module.cfg))
+
+
 def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: Any) -> Backbone:
   """Loads a DINOv2 backbone from a weights file.
 
@@ -151,7 +195,7 @@ def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: 
 
 def create_pretrained_like(name: str, seed: int = 0, **overrides) -> Backbone:
   """A randomly initialised `Backbone` with a hub preset's architecture (e.g. "dinov2_vits14")."""
-  return Backbone(DinoVisionTransformer(preset(name, **overrides), rngs=nnx.Rngs(seed)))
+  return Backbone(create_backbone(name, seed=seed, **overrides))
 
 
 class Classifier:

@@ -42,6 +42,10 @@ def bicubic_weights(in_size: int, out_size: int, scale: float, antialias: bool) 
     antialias: torch's `antialias=True` path (a = -0.5, widened, normalised support).
   """
   weights = np.zeros((out_size, in_size), np.float64)
+  if antialias and in_size == out_size:
+    # torch's separable antialiased kernel skips an axis whose size does not change, even when a
+    # scale factor (Meta's offset) would otherwise shift the samples.
+    return np.eye(in_size)
   if antialias:
     support = 2.0 * scale if scale >= 1.0 else 2.0
     inv = 1.0 / scale if scale >= 1.0 else 1.0

@@ -433,4 +433,8 @@ def create_backbone(cfg: ViTConfig | str, *, seed: int = 0, **overrides: Any) ->
     cfg = preset(cfg, **overrides)
   elif overrides:
     cfg = cfg.replace(**overrides)
-  return DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))
+  build = lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+  # One compiled initialisation instead of hundreds of eagerly dispatched random ops.
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  params = jax.jit(lambda: nnx.split(build())[1])()
+  return nnx.merge(graphdef, params)

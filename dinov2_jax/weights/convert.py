@@ -314,7 +314,7 @@ def infer_backbone_config(state_dict: Mapping[str, np.ndarray], **overrides: Any
     fields.update(ffn_layer="identity")
   unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
   if unknown:
-    raise TypeError(f"unknown backbone fields {sorted(unknown)}; valid: {sorted(ViTConfig.__dataclass_fields__)}")
+    raise ValueError(f"unknown backbone fields {sorted(unknown)}; valid: {sorted(ViTConfig.__dataclass_fields__)}")
   fields.update(overrides)
   return ViTConfig(**fields)
 
