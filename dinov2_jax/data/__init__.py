@@ -1,0 +1,1 @@
+"""Input pipelines: DINOv2 multi-crop augmentation and batch collation."""
