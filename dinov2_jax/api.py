@@ -120,7 +120,8 @@ def backbone_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bo
   """Builds a `Backbone` from a Meta-keyed (unchunked) state dict, inferring the architecture."""
   fields = {k: v for k, v in (stored_config or {}).items() if k in ViTConfig.__dataclass_fields__}
   cfg = convert.infer_backbone_config(state_dict, **{**fields, **overrides})
-  module = _abstract_backbone(cfg)
+  # Non-strict loads keep Meta's initialisation for absent tensors, so they need a real init.
+  module = _abstract_backbone(cfg) if strict else create_backbone(cfg)
   template = nnx.to_pure_dict(nnx.state(module, nnx.Param))
   params = convert.meta_to_params(state_dict, template, strict=strict)
   return Backbone(_fill(module, params))
@@ -130,7 +131,8 @@ def head_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bool =
   """Builds a `DINOHead` from Meta-keyed head tensors (`mlp.*`, `last_layer.weight_g/_v`)."""
   kwargs = convert.infer_head_config(state_dict)
   in_dim, out_dim = kwargs.pop("in_dim"), kwargs.pop("out_dim")
-  head = nnx.eval_shape(lambda: DINOHead(in_dim, out_dim, **kwargs, rngs=nnx.Rngs(0)))
+  build = lambda: DINOHead(in_dim, out_dim, **kwargs, rngs=nnx.Rngs(0))  # noqa: E731
+  head = nnx.eval_shape(build) if strict else build()
   template = nnx.to_pure_dict(nnx.state(head, nnx.Param))
   params = convert.meta_to_params(state_dict, template, head_nlayers=kwargs["nlayers"], strict=strict,
                                   what="DINO head")
