@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from dinov2_jax.data.augment import imagenet_normalize
 
 
 def eval_transform(image: np.ndarray | Image.Image, crop_size: int = 224, resize_size: int | None = None) -> np.ndarray:
@@ -27,4 +26,4 @@ def eval_transform(image: np.ndarray | Image.Image, crop_size: int = 224, resize
   image = image.resize((new_w, new_h), Image.BICUBIC)
   top, left = int(round((new_h - crop_size) / 2.0)), int(round((new_w - crop_size) / 2.0))
   image = image.crop((left, top, left + crop_size, top + crop_size))
-  return (np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  return imagenet_normalize(np.asarray(image))
