@@ -1,0 +1,201 @@
+"""The sharded train step and the training loop: sharding equality, resume, failures, validation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dinov2_jax import masking
+from dinov2_jax.train import sharding, trainer
+from dinov2_jax.train.default_config import get_default_config
+from dinov2_jax.train.state import init_student_params, init_train_state, make_arch
+from dinov2_jax.train.step import build_optimizer_for, make_train_step
+
+
+def tiny_config():
+  c = get_default_config()
+  c.batch_size = 8
+  c.epoch_length = 4
+  c.student.update(arch="custom", embed_dim=32, depth=2, num_heads=2, patch_size=7, drop_path_rate=0.2,
+                   layerscale=1.0e-1)
+  c.crops.update(global_crops_size=28, local_crops_size=14, local_crops_number=2)
+  for head in (c.dino, c.ibot):
+    head.update(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16)
+  c.optim.update(epochs=2.0, warmup_epochs=0.5, freeze_last_layer_epochs=0.25)
+  c.teacher.update(warmup_teacher_temp_epochs=1.0, momentum_teacher=0.9)
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 3
+  c.knn_eval.enabled = False
+  return c
+
+
+def make_batch(c, step):
+  rng = np.random.default_rng((c.seed, step))
+  b, g = c.batch_size, c.crops.global_crops_size // c.student.patch_size
+  masks = masking.sample_batch_masks(rng, 2 * b, (g, g), max_num_patches=masking.meta_max_num_patches(
+      c.crops.global_crops_size, c.student.patch_size))
+  return {
+      "global_crops": rng.normal(size=(2 * b, 28, 28, 3)).astype(np.float32),
+      "local_crops": rng.normal(size=(c.crops.local_crops_number * b, 14, 14, 3)).astype(np.float32),
+      "masks": masks.masks, "mask_indices": masks.mask_indices, "mask_weights": masks.mask_weights,
+      "mask_valid": masks.mask_valid,
+  }
+
+
+class ArrayIterator:
+  """Deterministic stand-in for the grain pipeline: batch k depends only on (seed, k)."""
+
+  def __init__(self, config, patch_size, start_step=0):
+    self.config, self.step = config, start_step
+
+  def __next__(self):
+    batch = make_batch(self.config, self.step)
+    self.step += 1
+    return batch
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = state["step"]
+
+
+def _run_steps(c, mesh, n_steps):
+  arch = make_arch(c)
+  student = init_student_params(c, 0)
+  tx = build_optimizer_for(arch, student, c)
+  abstract = jax.eval_shape(lambda: init_train_state(student, tx, c, 0))
+  state_sh = sharding.tree_shardings(abstract, mesh, c.sharding_rules, min_size=256)
+  state = jax.jit(lambda s: init_train_state(s, tx, c, 0), out_shardings=state_sh)(student)
+  batch_sh = sharding.batch_sharding(mesh)
+  tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
+  step = jax.jit(make_train_step(arch, tx), in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  history = []
+  for i in range(n_steps):
+    batch = trainer._pad_mask_arrays(make_batch(c, i), mesh.devices.size)
+    state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()}, tables)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history, state_sh
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest.py")
+def test_one_device_and_4x2_mesh_agree():
+  c = tiny_config()
+  # No stochastic depth here: with it, the tiny random model's CLS tokens are so alike that KoLeo's
+  # nearest-neighbour argmax can flip on float rounding (a discontinuity, not a sharding error).
+  c.student.drop_path_rate = 0.0
+  single, hist1, _ = _run_steps(c, sharding.make_mesh((("data", 1), ("fsdp", 1)), jax.devices()[:1]), 3)
+  c.mesh = (("data", 4), ("fsdp", 2))
+  multi, hist8, shardings = _run_steps(c, sharding.make_mesh(c.mesh), 3)
+  # FSDP really shards something (the qkv kernel's output features over the fsdp axis).
+  spec = shardings.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"].spec
+  assert "fsdp" in tuple(spec)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5, rtol=1e-5)
+  for m1, m8 in zip(hist1, hist8):
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_step_changes_student_and_teacher_by_ema():
+  c = tiny_config()
+  c.optim.update(warmup_epochs=0.25, freeze_last_layer_epochs=0.5)  # lr 0 at step 0 (Meta), last layer frozen 2 steps
+  arch = make_arch(c)
+  student = init_student_params(c, 0)
+  tx = build_optimizer_for(arch, student, c)
+  state = init_train_state(student, tx, c, 0)
+  tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
+  step = jax.jit(make_train_step(arch, tx))
+  state, metrics0 = step(state, make_batch(c, 0), tables)
+  assert float(metrics0["lr"]) == 0.0  # Meta's warmup starts at 0
+  before = jax.device_get(state)
+  new, metrics = step(state, make_batch(c, 1), tables)
+  assert float(metrics["lr"]) > 0 and float(metrics["last_layer_lr"]) == 0.0
+  m = float(metrics["momentum"])
+  assert 0.9 < m < 1.0
+  s_new, t_new = jax.device_get(new.student), jax.device_get(new.teacher)
+  leaf = lambda t: np.asarray(t["backbone"]["blocks"][1]["attn"]["qkv"]["kernel"])  # noqa: E731
+  np.testing.assert_allclose(leaf(t_new), m * leaf(before.teacher) + (1 - m) * leaf(s_new), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(leaf(s_new), leaf(before.student))
+  for name in ("v", "g"):  # the whole weight-normalised last layer is frozen (no decay either)
+    np.testing.assert_array_equal(s_new["dino_head"]["last_layer"][name], before.student["dino_head"]["last_layer"][name])
+  assert int(new.step) == 2
+  for key in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss",
+              "grad_norm/backbone", "grad_norm/dino_head", "lr", "wd", "momentum", "teacher_temp"):
+    assert np.isfinite(metrics[key]), key
+  total = sum(float(metrics[k]) for k in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"))
+  assert float(metrics["total_loss"]) == pytest.approx(total, rel=1e-6)
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+  c = tiny_config()
+  c.optim.epochs = 1.5  # 6 steps
+  straight = trainer.train(c, str(tmp_path / "straight"), make_data_iterator=ArrayIterator)
+  assert straight["step"] == 6
+  c_half = tiny_config()
+  c_half.optim.epochs = 1.5
+  # First 3 steps, then a new process-like call resumes from the step-3 checkpoint.
+  stopper = {"n": 0}
+
+  def stop_after_three(step, metrics):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(c_half, str(tmp_path / "resumed"), make_data_iterator=ArrayIterator, on_step=stop_after_three)
+  del stopper
+  # The step-3 checkpoint was written (checkpoint_every_steps=3) before the interruption.
+  resumed = trainer.train(c_half, str(tmp_path / "resumed"), make_data_iterator=ArrayIterator)
+  assert resumed["step"] == 6
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight["state"])), jax.tree.leaves(jax.device_get(resumed["state"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [l["step"] for l in lines][-3:] == [4, 5, 6]
+  for name in ("teacher_backbone.pth", "teacher_backbone.safetensors"):
+    assert os.path.getsize(tmp_path / "straight" / name) > 0
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+  c = tiny_config()
+  c.optim.epochs = 0.75  # 3 steps
+  trainer.train(c, str(tmp_path), make_data_iterator=ArrayIterator)
+  # A save cut off mid-write leaves only orbax's temporary directory behind.
+  os.makedirs(tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-123" / "state")
+  from dinov2_jax.train.checkpointing import Checkpointer
+  assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 3
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = tiny_config()
+  c.optim.epochs = 2.0
+
+  class PoisonAtStep4(ArrayIterator):
+    def __next__(self):
+      batch = super().__next__()
+      if self.step == 5:  # the 5th batch (step index 4)
+        batch["global_crops"] = np.full_like(batch["global_crops"], np.nan)
+      return batch
+
+  with pytest.raises(trainer.NonFiniteLossError, match="non-finite loss at step 4.*last good checkpoint is step 3"):
+    trainer.train(c, str(tmp_path), make_data_iterator=PoisonAtStep4)
+  from dinov2_jax.train.checkpointing import Checkpointer
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("crops.global_crops_size", 30, "config.crops.global_crops_size=30 is not a multiple of config.student.patch_size=7"),
+    ("batch_size", 6, "config.batch_size=6 is not divisible by the 8 devices"),
+    ("dataset.kind", "imagenet", "config.dataset.kind='imagenet' is unknown"),
+    ("centering", "sinkhorn", "config.centering='sinkhorn'"),
+    ("student.arch", "vit_huge", "config.student.arch='vit_huge'"),
+])
+def test_invalid_configs_fail_before_compiling(field, value, message):
+  c = tiny_config()
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    trainer.validate_config(c) if field != "centering" else make_arch(c)
