@@ -16,7 +16,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -75,6 +75,8 @@ def run(config, workdir: str) -> dict:
 
 def main(argv) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   if _CONFIG.value is None or not _WORKDIR.value:

@@ -183,6 +183,24 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _config_changes(workdir: str, config) -> str:
+  """Human-readable differences between the workdir's saved config and `config`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return ""
+  saved, now = json.load(open(path)), json.loads(config.to_json_best_effort())
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  saved, now = flat(saved), flat(now)
+  diffs = [f"{k}: {saved.get(k)!r} in the checkpoint's run, {now.get(k)!r} now"
+           for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+  return "; ".join(diffs)
+
+
 def _to_global(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
@@ -214,6 +232,9 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   arch = make_arch(config)
   n_steps = total_steps(config)
@@ -227,7 +248,12 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
 
   if checkpointer.latest_step() is not None:
-    state, data_state, start = checkpointer.restore(abstract_with_shardings(abstract_state, state_shardings))
+    try:
+      state, data_state, start = checkpointer.restore(abstract_with_shardings(abstract_state, state_shardings))
+    except ValueError as e:
+      raise ValueError(f"cannot resume from {checkpointer.directory}: its checkpoint does not fit this config "
+                       f"({_config_changes(workdir, config) or e}). Use a new --workdir, or the run's own "
+                       "config (saved as config.json in the workdir).") from None
     print(f"resumed from {checkpointer.directory}/{start} (step {int(state.step)})", flush=True)
   else:
     student = initial_student(config, student_shapes)
