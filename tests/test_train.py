@@ -199,3 +199,55 @@ def test_invalid_configs_fail_before_compiling(field, value, message):
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     trainer.validate_config(c) if field != "centering" else make_arch(c)
+
+
+def _save_tiny_weights(c, tmp_path, with_heads):
+  from dinov2_jax import api
+  from flax import nnx
+  from dinov2_jax.train.state import build_modules
+  modules, _ = build_modules(c, seed=123)
+  path = str(tmp_path / ("teacher_checkpoint.pth" if with_heads else "hub.pth"))
+  if with_heads:
+    api.save_training_checkpoint(path, modules["backbone"], {"dino_head": modules["dino_head"]}, block_chunks=2)
+  else:
+    api.Backbone(modules["backbone"]).save(path)
+  return path, {k: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for k, m in modules.items()}
+
+
+@pytest.mark.parametrize("kind", ["hub", "teacher_checkpoint"])
+def test_initialisation_from_meta_weights(tmp_path, kind):
+  c = tiny_config()
+  path, saved = _save_tiny_weights(c, tmp_path, with_heads=kind == "teacher_checkpoint")
+  c.init.update(kind=kind, path=path)
+  student = trainer.initial_student(c, jax.eval_shape(lambda: init_student_params(c, 0)))
+  fresh = init_student_params(c, c.seed)
+  for a, b in zip(jax.tree.leaves(student["backbone"]), jax.tree.leaves(saved["backbone"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  heads_from = saved if kind == "teacher_checkpoint" else fresh  # hub: heads keep the fresh init
+  for a, b in zip(jax.tree.leaves(student["dino_head"]), jax.tree.leaves(heads_from["dino_head"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A mismatched architecture is reported with the config field to fix.
+  c.student.depth = 3
+  with pytest.raises(Exception, match="(?s)config.init.path.*missing keys.*blocks.2"):
+    trainer.initial_student(c, None)
+
+
+def test_frozen_backbone_for_the_first_steps():
+  c = tiny_config()
+  c.optim.update(warmup_epochs=0.25)
+  c.init.freeze_backbone_steps = 2
+  arch = make_arch(c)
+  student = init_student_params(c, 0)
+  tx = build_optimizer_for(arch, student, c)
+  state = init_train_state(student, tx, c, 0)
+  tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
+  step = jax.jit(make_train_step(arch, tx))
+  snapshots = [jax.device_get(state.student)]
+  for i in range(3):
+    state, _ = step(state, make_batch(c, i), tables)
+    snapshots.append(jax.device_get(state.student))
+  kernel = lambda s: np.asarray(s["backbone"]["blocks"][0]["mlp"]["fc1"]["kernel"])  # noqa: E731
+  head = lambda s: np.asarray(s["dino_head"]["mlp"][0]["kernel"])  # noqa: E731
+  np.testing.assert_array_equal(kernel(snapshots[2]), kernel(snapshots[0]))  # steps 0 and 1: frozen
+  assert not np.array_equal(head(snapshots[2]), head(snapshots[1]))  # the heads train meanwhile
+  assert not np.array_equal(kernel(snapshots[3]), kernel(snapshots[2]))  # step 2: the backbone trains

@@ -28,6 +28,9 @@ def get_default_config() -> ml_collections.ConfigDict:
       arch="vit_large", patch_size=16, drop_path_rate=0.3, layerscale=1.0e-5, drop_path_uniform=True,
       ffn_layer="mlp", qkv_bias=True, proj_bias=True, ffn_bias=True, num_register_tokens=0,
       interpolate_antialias=False, interpolate_offset=0.1, drop_path_mode="meta",
+      # Positional-embedding grid in pixels; 0 = the global crop size (Meta). Set 518 to start from
+      # Meta's hub weights (37 x 37 grid); crops then resample it on the fly, as in Meta's model.
+      img_size=0,
       # Only read when arch == "custom":
       embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0))
   c.teacher = ml_collections.ConfigDict(dict(

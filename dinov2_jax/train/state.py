@@ -70,13 +70,13 @@ class TrainState:
 
 
 def backbone_config_from(config) -> ViTConfig:
-  """`ViTConfig` from Meta-style `config.student` fields (img_size = global crop size, as Meta)."""
+  """`ViTConfig` from Meta-style `config.student` fields (img_size defaults to the global crop size, as Meta)."""
   s = config.student
   if s.arch not in ARCHS and s.arch != "custom":
     raise ValueError(f"config.student.arch={s.arch!r}; expected one of {sorted(ARCHS)} or 'custom'")
   sizes = ARCHS.get(s.arch) or dict(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
   return ViTConfig(
-      img_size=config.crops.global_crops_size, patch_size=s.patch_size, **sizes,
+      img_size=s.get("img_size") or config.crops.global_crops_size, patch_size=s.patch_size, **sizes,
       mlp_ratio=s.get("mlp_ratio", 4.0), qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,
       drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale,
       ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
