@@ -123,6 +123,24 @@ def test_intermediate_layer_indices_are_checked():
     model.get_intermediate_layers(_x(), n=[0, 5])
 
 
+def test_forward_features_and_intermediates_equals_the_two_meta_calls():
+  model = create_backbone(TINY)  # depth 3, one register token
+  x = _x()
+  ff = model.forward_features(x)
+  for n in (0, 2, 3):
+    out = model.forward_features_and_intermediates(x, n)
+    for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+      np.testing.assert_allclose(out[key], ff[key], atol=1e-5, err_msg=key)
+    assert out["x_norm_clstoken_blocks"].shape == (2, n, 64)
+    if n:
+      layers = model.get_intermediate_layers(x, n=n, return_class_token=True)
+      np.testing.assert_allclose(out["x_norm_clstoken_blocks"], jnp.stack([c for _, c in layers], axis=1),
+                                 atol=1e-5)
+  assert out["x_norm_regtokens"].shape == (2, 1, 64)
+  with pytest.raises(ValueError, match="out of range"):
+    model.forward_features_and_intermediates(x, 4)
+
+
 def _torch_dino_head(sd, in_dim, out_dim, nlayers, hidden, bottleneck):
   """Meta's DINOHead re-stated in torch: Linear/GELU MLP, F.normalize, weight_norm last layer."""
   layers = [torch.nn.Linear(in_dim, hidden if nlayers > 1 else bottleneck)]

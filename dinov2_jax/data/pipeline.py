@@ -1,7 +1,9 @@
 """DINOv2 training input: image sources, per-host multi-crop batches with iBOT masks, grain state.
 
-Sources (grain random-access data sources: `__len__`, `__getitem__(i) -> {"image", ["label"]}` with
-"image" an (H, W, 3) RGB uint8 array, decoded when the element is read):
+Sources (`make_source(config)`): grain random-access data sources, `__len__` and
+`__getitem__(i) -> {"image", ["label"]}` with "image" an (H, W, 3) RGB uint8 array, decoded when
+the element is read. They are defined in `dinov2_jax/data/sources.py`, shared with the evaluations,
+and re-exported here:
 
   TfdsImageSource    a TFDS dataset prepared in the array_record format, read with
                      `tfds.data_source` (no TensorFlow needed); never downloads or prepares.
@@ -84,22 +86,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
-import os
-import threading
 from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
 from dinov2_jax import masking
 from dinov2_jax.data import augment
-from dinov2_jax.data.demo_dataset import load_demo_dataset
+# The sources live in `sources` (shared with the evaluations); re-exported here, where training
+# code has always imported them from.
+from dinov2_jax.data.sources import (  # noqa: F401  (re-exports)
+    IMAGE_EXTENSIONS,
+    DemoImageSource,
+    FolderImageSource,
+    SkippingSource,
+    TfdsImageSource,
+    list_image_files,
+    to_rgb_uint8,
+)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SOURCE_KINDS = ("demo", "tfds", "folder")
 # Appended to the mask generator's seed entropy so that it never coincides with the per-image
 # streams `augment.image_rng(seed, index)` (SeedSequence of two words) or any other pair/triple.
@@ -107,303 +113,7 @@ _MASK_STREAM = 0x6D61736B  # "mask"
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding.
-
-
-def to_rgb_uint8(image: Any) -> np.ndarray:
-  """Any image -> (H, W, 3) uint8 RGB.
-
-  Accepts encoded bytes, a PIL image, or a uint8 array (H, W), (H, W, 1), (H, W, 3), (H, W, 4).
-  Alpha is dropped and palette / CMYK / grey images are converted, as PIL's `convert("RGB")`
-  does in Meta's loader.
-  """
-  if isinstance(image, (bytes, bytearray, memoryview)):
-    with Image.open(io.BytesIO(image)) as pil:
-      return np.asarray(pil.convert("RGB"))
-  if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"))
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"expected a uint8 image, got {image.dtype}.")
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"expected an (H, W[, 1|3|4]) image, got shape {image.shape}.")
-  if image.shape[-1] == 1:
-    return np.repeat(image, 3, axis=-1)
-  return image[..., :3]
-
-
-def _load_image_file(path: str) -> np.ndarray:
-  # `convert` forces the full decode inside the `with`, so truncated files fail here, not later.
-  with Image.open(path) as pil:
-    return np.asarray(pil.convert("RGB"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources.
-
-
-class SkippingSource:
-  """Base of sources whose elements can fail to decode: failures are replaced, counted, logged.
-
-  Subclasses implement `__len__`, `_load(index) -> dict` (may raise anything) and
-  `_name(index) -> str` (what to report: a relative path, a record id).
-  """
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._bad: dict[int, str] = {}  # index -> "name: error"
-    self.num_replaced = 0  # elements served by a replacement (counts repeats)
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state["_lock"]  # locks do not pickle; grain workers get a fresh one.
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def _load(self, index: int) -> dict[str, Any]:
-    raise NotImplementedError
-
-  def _name(self, index: int) -> str:
-    raise NotImplementedError
-
-  @property
-  def num_skipped(self) -> int:
-    """Distinct unreadable elements met so far (in this process)."""
-    return len(self._bad)
-
-  @property
-  def skipped(self) -> list[str]:
-    """Names of the unreadable elements met so far, sorted by index."""
-    with self._lock:
-      return [self._name(i) for i in sorted(self._bad)]
-
-  def summary(self) -> str:
-    with self._lock:
-      bad = dict(self._bad)
-    if not bad:
-      return f"{type(self).__name__}: all images read so far were readable."
-    listed = "; ".join(bad[i] for i in sorted(bad)[:10])
-    more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-    return (f"{type(self).__name__}: skipped {len(bad)} unreadable of {len(self)} images, each "
-            f"replaced by the next readable one: {listed}{more}")
-
-  def _record_failure(self, index: int, error: Exception):
-    with self._lock:
-      if index in self._bad:
-        return
-      self._bad[index] = f"{self._name(index)}: {type(error).__name__}: {error}"
-      count = len(self._bad)
-    if count == 1:
-      logging.warning("Skipping unreadable image %s (%s: %s); it is replaced by the next readable "
-                      "one. Further skips are summarised.", self._name(index),
-                      type(error).__name__, error)
-    else:
-      logging.info("Skipping unreadable image %s (%s: %s).", self._name(index),
-                   type(error).__name__, error)
-    if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a summary that never floods the log.
-      logging.warning("%s", self.summary())
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    n = len(self)
-    index = int(index) % n
-    for offset in range(n):
-      i = (index + offset) % n
-      if i in self._bad:
-        continue
-      try:
-        element = self._load(i)
-      except Exception as e:  # pylint: disable=broad-except
-        # Decoders raise many types (OSError, UnidentifiedImageError, SyntaxError, ValueError,
-        # DecompressionBombError); none of them may stop a long run.
-        self._record_failure(i, e)
-        continue
-      if offset:
-        with self._lock:
-          self.num_replaced += 1
-      return element
-    raise RuntimeError(f"None of the {n} images can be read. {self.summary()}")
-
-
-def list_image_files(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-  """Relative paths of the image files under `root`, at any depth, sorted (bytewise).
-
-  Suffixes match case-insensitively. Hidden files and folders (name starting with ".", e.g.
-  macOS "._x.jpg" resource forks, ".ipynb_checkpoints") are left out. Symlinked folders are
-  followed once (a cycle is not re-entered).
-  """
-  extensions = tuple(e.lower() for e in extensions)
-  found = []
-  seen_dirs = set()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    real = os.path.realpath(dirpath)
-    if real in seen_dirs:
-      dirnames[:] = []
-      continue
-    seen_dirs.add(real)
-    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-    rel = os.path.relpath(dirpath, root)
-    for f in filenames:
-      if not f.startswith(".") and f.lower().endswith(extensions):
-        found.append(os.path.normpath(os.path.join(rel, f)))
-  return sorted(found)
-
-
-class FolderImageSource(SkippingSource):
-  """Every image under a folder, at any depth, decoded with Pillow when read. Unlabelled.
-
-  Elements: {"image": (H, W, 3) uint8}. The file list is made once, sorted, so indices are stable
-  for a given tree. Unreadable files are skipped (see `SkippingSource`).
-  """
-
-  def __init__(self, path: str, extensions: Sequence[str] = IMAGE_EXTENSIONS):
-    super().__init__()
-    self.root = os.fspath(path)
-    if not os.path.exists(self.root):
-      raise FileNotFoundError(f"image folder {self.root!r} does not exist (config.dataset.path).")
-    if not os.path.isdir(self.root):
-      raise NotADirectoryError(f"config.dataset.path={self.root!r} is not a folder.")
-    self.files = list_image_files(self.root, extensions)
-    if not self.files:
-      raise ValueError(
-          f"no images found under {self.root!r} (searched all subfolders for "
-          f"{', '.join(extensions)}, any letter case).")
-
-  def __len__(self) -> int:
-    return len(self.files)
-
-  def _name(self, index: int) -> str:
-    return self.files[index]
-
-  def _load(self, index: int) -> dict[str, Any]:
-    return {"image": _load_image_file(os.path.join(self.root, self.files[index]))}
-
-  def __repr__(self) -> str:
-    return f"FolderImageSource({self.root!r}, {len(self)} images)"
-
-
-def _default_tfds_data_dir() -> str:
-  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-
-
-def _tfds_fix(name: str, data_dir: str) -> str:
-  base = name.split(":")[0].split("/")[0]
-  manual = (" ImageNet cannot be downloaded: put ILSVRC2012_img_train.tar and "
-            "ILSVRC2012_img_val.tar in MANUAL_DIR first." if base.startswith("imagenet") else "")
-  return (f"Prepare it once, in the array_record format that random access needs (building "
-          f"needs `pip install importlib_resources`, and TensorFlow for some datasets):\n"
-          f"  tfds build {base} --data_dir {data_dir} --file_format array_record "
-          f"[--manual_dir MANUAL_DIR]\n"
-          f"then pass config.dataset.data_dir={data_dir!r}.{manual}")
-
-
-class TfdsImageSource(SkippingSource):
-  """A prepared TFDS dataset, read by random access with `tfds.data_source` (no TensorFlow).
-
-  Elements: {"image": (H, W, 3) uint8, "label": int32 when the dataset has `label_key`}; other
-  features are dropped. `tfds.features.Image` features are read as encoded bytes and decoded here
-  with Pillow (so a corrupt record is skipped like a corrupt file); other image features are
-  decoded by TFDS. Never downloads or prepares: a missing dataset raises with the command to
-  prepare it.
-  """
-
-  def __init__(self, name: str, split: str = "train", data_dir: str | None = None, *,
-               image_key: str = "image", label_key: str | None = "label"):
-    super().__init__()
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
-    self.name, self.split = name, split
-    self.data_dir = os.fspath(data_dir) if data_dir else _default_tfds_data_dir()
-    self.image_key = image_key
-    # Probe with the default decoders first: `features` tells whether the image is an Image
-    # feature we can skip-decode. `download=False` alone is not enough: for a registered dataset
-    # that is not prepared, TFDS reports a misleading file-format error, hence the checks below.
-    try:
-      probe = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is neither prepared in {self.data_dir!r} nor a known TFDS "
-          f"dataset. {_tfds_fix(name, self.data_dir)}") from None
-    except NotImplementedError as e:
-      prepared = _tfds_prepared_formats(name, self.data_dir)
-      if prepared:
-        raise ValueError(
-            f"TFDS dataset {name!r} is prepared in {self.data_dir!r} as {sorted(prepared)}, but "
-            f"random access needs array_record. Rebuild it: {_tfds_fix(name, self.data_dir)}"
-        ) from e
-      raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {self.data_dir!r} (and it is never "
-          f"downloaded here). {_tfds_fix(name, self.data_dir)}") from e
-    except ValueError as e:
-      raise ValueError(f"TFDS dataset {name!r}: {e} (config.dataset.split={split!r}).") from e
-    features = probe.dataset_info.features
-    if image_key not in features:
-      raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: "
-                     f"{sorted(features.keys())}.")
-    self.label_key = label_key if label_key and label_key in features else None
-    if isinstance(features[image_key], tfds.features.Image):
-      self._records = tfds.data_source(
-          name, split=split, data_dir=self.data_dir, download=False,
-          decoders={image_key: tfds.decode.SkipDecoding()})
-    else:
-      self._records = probe
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def _name(self, index: int) -> str:
-    return f"{self.name}[{self.split}][{index}]"
-
-  def _load(self, index: int) -> dict[str, Any]:
-    record = self._records[index]
-    out = {"image": to_rgb_uint8(record[self.image_key])}
-    if self.label_key:
-      out["label"] = np.int32(record[self.label_key])
-    return out
-
-  def __repr__(self) -> str:
-    return f"TfdsImageSource({self.name!r}, split={self.split!r}, {len(self)} images)"
-
-
-def _tfds_prepared_formats(name: str, data_dir: str) -> set[str]:
-  """File formats of the prepared versions of `name` ("name", "name/config", "name:1.2.3")."""
-  base = name.split(":")[0]
-  formats = set()
-  root = os.path.join(data_dir, base)
-  for dirpath, _, filenames in os.walk(root):
-    if "dataset_info.json" in filenames:
-      try:
-        with open(os.path.join(dirpath, "dataset_info.json")) as f:
-          formats.add(json.load(f).get("fileFormat", "tfrecord"))
-      except (OSError, ValueError):
-        pass
-  return formats
-
-
-class DemoImageSource:
-  """The embedded demo dataset (scikit-learn digits as RGB), in memory. Labelled.
-
-  Elements: {"image": (image_size, image_size, 3) uint8, "label": int32 in 0..9}.
-  """
-
-  def __init__(self, split: str = "train", image_size: int = 28):
-    self.images, self.labels = load_demo_dataset(split, image_size)
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    index = int(index) % len(self)
-    return {"image": self.images[index], "label": np.int32(self.labels[index])}
-
-  def __repr__(self) -> str:
-    return f"DemoImageSource({len(self)} images of {self.images.shape[1]} px)"
+# Sources from the config.
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:

@@ -1,8 +1,11 @@
 """Labelled image datasets for the evaluations: prepared TFDS datasets, class folders, the demo digits.
 
-Every dataset gives random access to `(image, label)` pairs: `dataset.load(i)` returns an RGB uint8
-array (H, W, 3), or None when the file cannot be decoded (the feature extractor skips and counts
-those), and an int label. Images are decoded here, with Pillow, in the extractor's worker threads.
+The datasets are the shared sources of `dinov2_jax/data/sources.py` (which decodes, lists folders
+and opens TFDS for training too); this module names them for the evaluations and adds subsets and
+`get_dataset`. Every dataset gives random access to `(image, label)` pairs: `dataset.load(i)`
+returns an RGB uint8 array (H, W, 3), or None when the file cannot be decoded (the feature extractor
+skips and counts those), and an int label. Images are decoded, with Pillow, in the extractor's
+worker threads.
 
 Nothing is ever downloaded. TFDS datasets must already be prepared in the array_record format,
 which `tfds.data_source` reads without TensorFlow; a missing dataset raises `DatasetError` naming
@@ -11,20 +14,23 @@ how to prepare it.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
+from dinov2_jax.data import sources
+# Re-exported under the names the evaluations have always used.
+from dinov2_jax.data.sources import (  # noqa: F401  (re-exports)
+    IMAGE_EXTENSIONS,
+    RANDOM_ACCESS_FORMATS,
+    DatasetError,
+    decode_image,
+)
 
-
-class DatasetError(ValueError):
-  """A dataset is missing, unprepared or malformed; the message says how to fix it."""
+# `root/<class>/*` folders: the shared labelled folder source.
+FolderDataset = sources.ClassFolderSource
 
 
 class ImageDataset(Protocol):
@@ -43,92 +49,15 @@ class ImageDataset(Protocol):
   def load(self, index: int) -> tuple[np.ndarray | None, int]: ...
 
 
-def decode_image(data: bytes | str | os.PathLike) -> np.ndarray | None:
-  """Encoded bytes or a file path -> RGB uint8 (H, W, 3), or None if Pillow cannot decode it."""
-  try:
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-      return np.asarray(image.convert("RGB"))
-  except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-    # Truncated/corrupt files raise OSError (or SyntaxError for some broken PNG headers).
-    return None
-
-
-class DemoDataset:
-  """The embedded demo dataset: scikit-learn's digits as RGB images (`dinov2_jax.data.demo_dataset`)."""
+class DemoDataset(sources.DemoImageSource):
+  """The embedded demo digits (`sources.DemoImageSource`), 64 px unless told."""
 
   def __init__(self, split: str = "train", image_size: int = 64):
-    from dinov2_jax.data.demo_dataset import NUM_CLASSES, load_demo_dataset
-    self.images, self.labels = load_demo_dataset(split, image_size)
-    self.class_names = [str(c) for c in range(NUM_CLASSES)]
-    self.name = f"demo:digits:{split}:{image_size}px"
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  def load(self, index: int) -> tuple[np.ndarray, int]:
-    return self.images[index], int(self.labels[index])
+    super().__init__(split, image_size)
 
 
-class FolderDataset:
-  """A folder with one sub-folder per class: `root/<class>/*.{jpg,jpeg,png,webp}`.
-
-  Classes are the sorted sub-folder names unless `class_names` is given (e.g. the train split's, so
-  that an evaluation split maps names to the same labels). Files are listed once, in sorted order;
-  unreadable files are only detected when loaded (`load` returns None for them).
-  """
-
-  def __init__(self, root: str | os.PathLike, class_names: Sequence[str] | None = None):
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-      raise DatasetError(
-          f"image folder {root!r} does not exist; expected {root}/<class name>/<image>.jpg "
-          "(one sub-folder per class; jpg, png or webp)")
-    found = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    if not found:
-      raise DatasetError(f"image folder {root!r} has no class sub-folders; expected {root}/<class name>/<image>.jpg")
-    if class_names is None:
-      class_names = found
-    unknown = sorted(set(found) - set(class_names))
-    if unknown:
-      raise DatasetError(f"image folder {root!r} has classes {unknown[:5]} that the training split does not have")
-    self.class_names = list(class_names)
-    label_of = {c: i for i, c in enumerate(self.class_names)}
-    self.paths, labels = [], []
-    for c in found:
-      for dirpath, dirnames, filenames in os.walk(os.path.join(root, c)):
-        dirnames.sort()
-        for f in sorted(filenames):
-          if f.lower().endswith(IMAGE_EXTENSIONS):
-            self.paths.append(os.path.join(dirpath, f))
-            labels.append(label_of[c])
-    if not self.paths:
-      raise DatasetError(f"image folder {root!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-    self.labels = np.asarray(labels, np.int32)
-    self.name = f"folder:{os.path.abspath(root)}:{len(self.paths)}files"
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def load(self, index: int) -> tuple[np.ndarray | None, int]:
-    return decode_image(self.paths[index]), int(self.labels[index])
-
-
-def _tfds_prepare_hint(name: str, data_dir: str) -> str:
-  base = name.split(":")[0].split("/")[0]
-  if base.startswith("imagenet2012"):
-    return (f"To prepare ImageNet-1k: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
-            f"image-net.org) in {data_dir}/downloads/manual/ and run `tfds build imagenet2012 "
-            f"--data_dir={data_dir} --file_format=array_record` (the `tfds` command needs TensorFlow, "
-            "`pip install tensorflow-cpu`, for this step only; reading needs none). Alternatively use an image folder: "
-            "--config.dataset.name=folder --config.dataset.data_dir=DIR with DIR/train/<class>/*.JPEG "
-            "and DIR/val/<class>/*.JPEG.")
-  return (f"Prepare it with `tfds build {base} --data_dir={data_dir} --file_format=array_record` "
-          "(the `tfds` command needs `pip install tensorflow-cpu`; nothing is downloaded here), or use "
-          "--config.dataset.name=folder / demo.")
-
-
-class TfdsDataset:
-  """A prepared TFDS image-classification dataset, read by random access without TensorFlow.
+class TfdsDataset(sources.TfdsImageSource):
+  """A prepared TFDS image-classification dataset (`sources.TfdsImageSource` with a ClassLabel).
 
   Args:
     name: TFDS name, optionally with config/version ("imagenet2012", "cifar10:3.0.2").
@@ -139,47 +68,8 @@ class TfdsDataset:
 
   def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",
                label_key: str = "label"):
-    import tensorflow_datasets as tfds
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise DatasetError(f"TFDS dataset {name!r} is unknown and not found in {data_dir}. "
-                         + _tfds_prepare_hint(name, data_dir)) from None
-    # Checked first: tfds.data_source would otherwise try to download and prepare the dataset.
-    if not builder.is_prepared():
-      raise DatasetError(f"TFDS dataset {name!r} is not prepared in {data_dir}. "
-                         + _tfds_prepare_hint(name, data_dir))
-    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
-    if file_format not in RANDOM_ACCESS_FORMATS:
-      raise DatasetError(
-          f"TFDS dataset {name!r} in {data_dir} is stored as {file_format}, which needs TensorFlow to read. "
-          f"Rebuild it with --file_format=array_record, or convert it: `tfds convert_format "
-          f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record --out_dir=NEW_DIR` "
-          "(the `tfds` command needs TensorFlow for this step only).")
-    features = builder.info.features
-    for key in (image_key, label_key):
-      if key not in features:
-        raise DatasetError(f"TFDS dataset {name!r} has no feature {key!r}; its features are {list(features)} "
-                           "(set --config.dataset.image_key / label_key)")
-    if split.split("[")[0] not in builder.info.splits:
-      raise DatasetError(f"TFDS dataset {name!r} has no split {split!r}; splits: {list(builder.info.splits)}")
-    label = features[label_key]
-    if not hasattr(label, "names"):
-      raise DatasetError(f"feature {label_key!r} of {name!r} is not a ClassLabel")
-    self.class_names = list(label.names)
-    self.image_key, self.label_key = image_key, label_key
-    # Images come as encoded bytes and are decoded by `decode_image`, so corrupt ones are skipped
-    # and counted instead of failing the whole run.
-    self.source = builder.as_data_source(split, decoders={image_key: tfds.decode.SkipDecoding()})
-    self.name = f"tfds:{name}:{split}:{builder.data_dir}"
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def load(self, index: int) -> tuple[np.ndarray | None, int]:
-    record = self.source[int(index)]
-    return decode_image(record[self.image_key]), int(record[self.label_key])
+    super().__init__(name, split, data_dir, image_key=image_key, label_key=label_key,
+                     require_label=True)
 
 
 class Subset:

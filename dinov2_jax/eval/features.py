@@ -128,18 +128,13 @@ def backbone_features(module, images: jax.Array, n_last_blocks: int = 4,
     dict: `cls` (B, D), `patch_mean` (B, D), `cls_blocks` (B, n, D) if n > 0, `registers` (B, R, D)
     if asked. Equal to Meta's `forward_features` / `get_intermediate_layers(n, return_class_token=True)`.
   """
-  depth, r = len(module.blocks), module.cfg.num_register_tokens
-  n = min(n_last_blocks, depth)
-  # The last block is always kept: its normed output is forward_features' x_norm.
-  keep = range(depth - max(n, 1), depth)
-  _, kept = module._run_blocks(module.prepare_tokens(images), None, keep=keep)
-  normed = [module.norm(x).astype(jnp.float32) for x in kept]
-  last = normed[-1]
-  out = {"cls": last[:, 0], "patch_mean": last[:, r + 1:].mean(axis=1)}
+  n = min(n_last_blocks, len(module.blocks))
+  f = {k: v.astype(jnp.float32) for k, v in module.forward_features_and_intermediates(images, n).items()}
+  out = {"cls": f["x_norm_clstoken"], "patch_mean": f["x_norm_patchtokens"].mean(axis=1)}
   if n:
-    out["cls_blocks"] = jnp.stack([x[:, 0] for x in normed[-n:]], axis=1)
+    out["cls_blocks"] = f["x_norm_clstoken_blocks"]
   if registers:
-    out["registers"] = last[:, 1:r + 1]
+    out["registers"] = f["x_norm_regtokens"]
   return out
 
 

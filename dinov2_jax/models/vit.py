@@ -374,6 +374,10 @@ class DinoVisionTransformer(nnx.Module):
     """
     x = self.prepare_tokens(images, masks)
     x, _ = self._run_blocks(x, drop_path_key)
+    return {**self._final_outputs(x), "masks": masks}
+
+  def _final_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
+    """The last block's (B, 1+R+h*w, D) tokens -> `forward_features`' normed and prenorm outputs."""
     x_norm = self.norm(x)
     r = self.cfg.num_register_tokens
     return {
@@ -381,8 +385,36 @@ class DinoVisionTransformer(nnx.Module):
         "x_norm_regtokens": x_norm[:, 1:r + 1],
         "x_norm_patchtokens": x_norm[:, r + 1:],
         "x_prenorm": x,
-        "masks": masks,
     }
+
+  def forward_features_and_intermediates(self, images: jax.Array, n: int = 1) -> dict[str, jax.Array]:
+    """`forward_features` plus the last `n` blocks' normed CLS tokens, from one pass of the blocks.
+
+    Inference only (no masks, no drop path): what the frozen-feature evaluations need, where
+    `forward_features` and `get_intermediate_layers` would run the blocks twice.
+
+    Args:
+      images: (B, H, W, C) float images, H and W multiples of the patch size.
+      n: how many of the last blocks' CLS tokens to return, 0 <= n <= depth.
+
+    Returns:
+      dict, in the compute dtype, with `forward_features`' `x_norm_clstoken` (B, D),
+      `x_norm_regtokens` (B, R, D), `x_norm_patchtokens` (B, h*w, D) and `x_prenorm`
+      (B, 1+R+h*w, D), and `x_norm_clstoken_blocks` (B, n, D): block depth-n+j's output through the
+      final LayerNorm, CLS token, at [:, j]; equal to `get_intermediate_layers(images, n,
+      return_class_token=True)`'s class tokens stacked on axis 1.
+    """
+    depth = len(self.blocks)
+    if not 0 <= n <= depth:
+      raise ValueError(f"n={n} last blocks out of range for a backbone of depth {depth}")
+    x, kept = self._run_blocks(self.prepare_tokens(images), None, keep=range(depth - n, depth))
+    out = self._final_outputs(x)
+    cls = out["x_norm_clstoken"]
+    # The last kept block is the final output: reuse its norm instead of computing it twice.
+    cls_blocks = [self.norm(o)[:, 0] for o in kept[:-1]] + ([cls] if n else [])
+    out["x_norm_clstoken_blocks"] = (jnp.stack(cls_blocks, axis=1) if n
+                                     else jnp.zeros((cls.shape[0], 0, cls.shape[-1]), cls.dtype))
+    return out
 
   def get_intermediate_layers(
       self,
