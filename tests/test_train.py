@@ -251,3 +251,19 @@ def test_frozen_backbone_for_the_first_steps():
   np.testing.assert_array_equal(kernel(snapshots[2]), kernel(snapshots[0]))  # steps 0 and 1: frozen
   assert not np.array_equal(head(snapshots[2]), head(snapshots[1]))  # the heads train meanwhile
   assert not np.array_equal(kernel(snapshots[3]), kernel(snapshots[2]))  # step 2: the backbone trains
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+  import signal
+  c = tiny_config()
+  c.checkpoint_every_steps = 100
+
+  def preempt(step, metrics):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before preempting
+
+  result = trainer.train(c, str(tmp_path), make_data_iterator=ArrayIterator, on_step=preempt)
+  assert result["step"] == 2 and "exports" not in result
+  from dinov2_jax.train.checkpointing import Checkpointer
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
+  assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
