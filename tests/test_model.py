@@ -78,6 +78,15 @@ def test_batch_subset_residual_like_meta():
   np.testing.assert_allclose(out[changed], np.asarray(x)[changed] * (1 + 2.0 * 10 / 5), rtol=1e-6)
 
 
+def test_batch_subset_is_drawn_per_group_like_meta_per_gpu():
+  # 4 groups (data shards) of 4 samples: each keeps max(int(4 * 0.55), 1) = 2, scaled by 4 / 2.
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 3, 4)), jnp.float32)
+  out = np.asarray(vit._residual_on_subset(x, lambda y: 2.0 * y, 0.45, jax.random.key(2), groups=4))
+  changed = ~np.all(np.isclose(out, np.asarray(x)), axis=(1, 2))
+  assert changed.reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2]
+  np.testing.assert_allclose(out[changed], np.asarray(x)[changed] * (1 + 2.0 * 4 / 2), rtol=1e-6)
+
+
 def test_training_mode_is_stochastic_and_eval_is_not():
   model = create_backbone(TINY.replace(drop_path_rate=0.4, drop_path_uniform=True))
   x = _x(b=8)

@@ -52,6 +52,9 @@ class ViTConfig:
     drop_path_mode: "meta" (Meta's behaviour: for rates > 0.1 the residual is computed for a random
       subset of the batch and rescaled, otherwise per-sample drop path) or "per_sample" (always
       per-sample drop path).
+    drop_path_groups: for Meta's batch-subset drop path, draw the subset separately in this many
+      equal groups of the batch (Meta draws it per GPU); the trainer sets it to the number of data
+      shards so each device keeps working on its own samples.
     remat: recompute each block's activations in the backward pass (saves memory in training).
   """
 
@@ -75,6 +78,7 @@ class ViTConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   drop_path_mode: str = "meta"
+  drop_path_groups: int = 1
   remat: bool = False
 
   def __post_init__(self):
@@ -237,17 +241,27 @@ def _drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
   return x * (mask.astype(x.dtype) / keep)
 
 
-def _residual_on_subset(x: jax.Array, residual_fn, rate: float, key: jax.Array) -> jax.Array:
+def _residual_on_subset(x: jax.Array, residual_fn, rate: float, key: jax.Array, groups: int = 1) -> jax.Array:
   """Meta's `drop_add_residual_stochastic_depth`: the residual of a random batch subset, rescaled.
 
-  The subset size `max(int(B * (1 - rate)), 1)` is static, so this is jit-friendly and also saves
-  the compute of the dropped samples, as in Meta.
+  Meta draws the subset on each GPU from its local batch. Here the batch is split into `groups`
+  equal groups (set to the number of data shards when training on a mesh), and each group keeps
+  `max(int(b * (1 - rate)), 1)` of its `b` samples, scaled by `b / subset`. Gathering within groups
+  keeps the work on each device's own shard (a global gather would replicate the batch). The sizes
+  are static, so this is jit-friendly and saves the compute of the dropped samples, as in Meta.
   """
-  b = x.shape[0]
-  subset = max(int(b * (1 - rate)), 1)
-  idx = jax.random.permutation(key, b)[:subset]
-  residual = residual_fn(x[idx])
-  return x.at[idx].add(residual.astype(x.dtype) * (b / subset))
+  if x.shape[0] % groups:
+    groups = 1
+  per_group = x.shape[0] // groups
+  subset = max(int(per_group * (1 - rate)), 1)
+  keys = jax.random.split(key, groups) if groups > 1 else key[None]
+  idx = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(keys)  # (groups, subset)
+  grouped = x.reshape((groups, per_group) + x.shape[1:])
+  picked = jax.vmap(lambda g, i: g[i])(grouped, idx)  # (groups, subset, ...)
+  residual = residual_fn(picked.reshape((groups * subset,) + x.shape[1:]))
+  residual = residual.astype(x.dtype).reshape(picked.shape) * (per_group / subset)
+  out = jax.vmap(lambda g, i, r: g.at[i].add(r))(grouped, idx, residual)
+  return out.reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -256,6 +270,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_rate: float, *, rngs: nnx.Rngs):
     self.drop_rate = drop_rate
     self.drop_path_mode = cfg.drop_path_mode
+    self.drop_path_groups = cfg.drop_path_groups
     self.norm1 = _layer_norm(rngs, cfg, cfg.embed_dim)
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = _layer_norm(rngs, cfg, cfg.embed_dim)
@@ -278,8 +293,8 @@ class Block(nnx.Module):
       return x + self._ffn_residual(x)
     key_attn, key_ffn = jax.random.split(drop_path_key)
     if self.drop_path_mode == "meta" and self.drop_rate > 0.1:
-      x = _residual_on_subset(x, self._attn_residual, self.drop_rate, key_attn)
-      return _residual_on_subset(x, self._ffn_residual, self.drop_rate, key_ffn)
+      x = _residual_on_subset(x, self._attn_residual, self.drop_rate, key_attn, self.drop_path_groups)
+      return _residual_on_subset(x, self._ffn_residual, self.drop_rate, key_ffn, self.drop_path_groups)
     x = x + _drop_path(self._attn_residual(x), self.drop_rate, key_attn)
     return x + _drop_path(self._ffn_residual(x), self.drop_rate, key_ffn)
 

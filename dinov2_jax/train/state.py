@@ -69,7 +69,7 @@ class TrainState:
   rng: jax.Array
 
 
-def backbone_config_from(config) -> ViTConfig:
+def backbone_config_from(config, drop_path_groups: int = 1) -> ViTConfig:
   """`ViTConfig` from Meta-style `config.student` fields (img_size defaults to the global crop size, as Meta)."""
   s = config.student
   if s.arch not in ARCHS and s.arch != "custom":
@@ -81,7 +81,8 @@ def backbone_config_from(config) -> ViTConfig:
       drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale,
       ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
       interpolate_antialias=s.interpolate_antialias, interpolate_offset=s.interpolate_offset,
-      dtype=config.compute_dtype, remat=config.remat, drop_path_mode=s.get("drop_path_mode", "meta"))
+      dtype=config.compute_dtype, remat=config.remat, drop_path_mode=s.get("drop_path_mode", "meta"),
+      drop_path_groups=drop_path_groups)
 
 
 def _head_config(section) -> HeadConfig:
@@ -94,9 +95,9 @@ def _split_pure(module: nnx.Module) -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(state)
 
 
-def build_modules(config, seed: int) -> tuple[dict[str, nnx.Module], ViTConfig]:
+def build_modules(config, seed: int, drop_path_groups: int = 1) -> tuple[dict[str, nnx.Module], ViTConfig]:
   """Randomly initialised student modules with Meta's init, as configured."""
-  cfg = backbone_config_from(config)
+  cfg = backbone_config_from(config, drop_path_groups)
   rngs = nnx.Rngs(seed)
   compute = jnp.dtype(config.compute_dtype)
   modules = {"backbone": DinoVisionTransformer(cfg, rngs=rngs)}
@@ -110,10 +111,14 @@ def build_modules(config, seed: int) -> tuple[dict[str, nnx.Module], ViTConfig]:
   return modules, cfg
 
 
-def make_arch(config) -> SSLArch:
-  """The static `SSLArch` for a config (shapes only; nothing is initialised)."""
-  cfg = backbone_config_from(config)
-  modules = nnx.eval_shape(lambda: build_modules(config, 0)[0])
+def make_arch(config, drop_path_groups: int = 1) -> SSLArch:
+  """The static `SSLArch` for a config (shapes only; nothing is initialised).
+
+  `drop_path_groups`: the number of data shards, so Meta's batch-subset stochastic depth draws its
+  subset per shard (per GPU, as Meta) instead of over the whole global batch.
+  """
+  cfg = backbone_config_from(config, drop_path_groups)
+  modules = nnx.eval_shape(lambda: build_modules(config, 0, drop_path_groups)[0])
   graphdefs = {name: nnx.split(m)[0] for name, m in modules.items()}
   if config.centering not in ("centering", "sinkhorn_knopp"):
     raise ValueError(f"config.centering={config.centering!r}; expected 'centering' or 'sinkhorn_knopp'")

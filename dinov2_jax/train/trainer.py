@@ -236,7 +236,7 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
-  arch = make_arch(config)
+  arch = make_arch(config, drop_path_groups=mesh.devices.size)
   n_steps = total_steps(config)
   tables = jax.device_put({k: jnp.asarray(v) for k, v in schedules_from_config(config).tables().items()},
                           sharding.replicated(mesh))
