@@ -20,7 +20,7 @@ Blur probabilities, `blur_mode`:
       the time (dinov2 PR #411; the released checkpoints were trained this way). Use it to reproduce
       Meta's training exactly.
 
-Where it runs (measured, see benchmarks/results_augment.md): everything except the final ImageNet
+Where it runs (measured, see benchmarks/RESULTS.md): everything except the final ImageNet
 normalisation runs per image on the host, in PIL (uint8) plus numpy/scipy for the blur. On the
 2-core CPU container this does the full 10-crop recipe at ~75 images/s per core; the alternative
 that keeps only crop/resize/flip on the host and runs colour/blur/solarise as one jitted JAX

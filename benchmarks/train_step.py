@@ -1,0 +1,350 @@
+"""Full DINOv2 training-step throughput: the jitted JAX step vs the PyTorch re-statement of Meta's step.
+
+    python benchmarks/train_step.py                         # ViT-S/14, 2x224 + 8x98 crops, batch 8, float32
+    python benchmarks/train_step.py --model vitb14 --batch 16 --iters 10
+    python benchmarks/train_step.py --memory-only           # ViT-g/14 per-device memory, 64 fake devices (5-12 min)
+    python benchmarks/train_step.py --memory-only --drop-path-mode per_sample
+
+Throughput. One step is Meta's whole iteration (teacher forward on the global crops, student
+forward/backward on 2 global + n local crops, DINO + KoLeo + iBOT losses, per-submodule clipping,
+AdamW with Meta's parameter groups, EMA teacher update), on B images = B x (2 + n_local) crops:
+
+  * JAX: `jax.jit(make_train_step(arch, tx), donate_argnums=0)`, compiled ahead of time (the
+    compile time is reported separately);
+  * PyTorch: `benchmarks/torch_reference_step.TorchDinov2Step` (transformers `Dinov2Model` student
+    and teacher + torch DINO heads + `torch.optim.AdamW`), loaded with the same weights.
+
+Both get the same batch (random images, Meta-style iBOT masks) and the same schedule values. The
+timed iterations alternate between the two frameworks so that machine noise hits both alike; each
+figure is the median over `--iters` steps after `--warmup` untimed steps. Stochastic depth is off on
+both sides (transformers has no batch-subset drop path), the precision is float32, the positional
+embeddings of the local crops are resampled with Meta's offset 0.1 on both sides.
+
+Memory (`--memory`, `--memory-only`). In a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` (`--devices`, default 64), the step of Meta's
+vitg14 recipe (swiglufused FFN, DINO head 131072 prototypes with bottleneck 384, separate iBOT head
+131072 prototypes, Sinkhorn-Knopp, drop path 0.4, 2x224 + 8x98 crops) with bf16 compute and remat
+is lowered on abstract `jax.ShapeDtypeStruct`s with NamedShardings (mesh data x fsdp, every state
+leaf FSDP-sharded by `tree_shardings`, batch and masked-token list split over all devices, the list
+padded to a multiple of the device count as `train/trainer.py` does) and compiled;
+`compiled.memory_analysis()` gives the per-device sizes. No real array is allocated. Variants:
+`--memory-model` (another backbone), `--drop-path-mode per_sample` (Meta's batch-subset drop path,
+the default "meta", gathers a subset of the GLOBAL batch and so replicates it on every device),
+`--no-remat`, `--replicate-mask-list`, `--per-device`, `--fsdp`. These are XLA:CPU figures: XLA:CPU
+does not keep remat's savings and fuses/schedules differently from a GPU/TPU compile (see
+benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODELS = {  # name -> (Meta arch, embed_dim, depth, heads, ffn)
+    "tiny": ("custom", 64, 2, 2, "mlp"),
+    "vits14": ("vit_small", 384, 12, 6, "mlp"),
+    "vitb14": ("vit_base", 768, 12, 12, "mlp"),
+    "vitl14": ("vit_large", 1024, 24, 16, "mlp"),
+    "vitg14": ("vit_giant2", 1536, 40, 24, "swiglufused"),
+}
+
+
+def make_config(args):
+  """A dinov2-jax config (Meta's yaml fields) for the throughput comparison."""
+  from dinov2_jax.train.default_config import get_default_config
+
+  arch, dim, depth, heads, ffn = MODELS[args.model]
+  c = get_default_config()
+  c.student.update(arch=arch, embed_dim=dim, depth=depth, num_heads=heads, patch_size=14, ffn_layer=ffn,
+                   drop_path_rate=0.0, layerscale=1.0e-5)
+  c.crops.update(global_crops_size=args.global_size, local_crops_size=args.local_size,
+                 local_crops_number=args.n_local)
+  c.dino.update(head_n_prototypes=args.prototypes)
+  c.ibot.update(head_n_prototypes=args.prototypes, separate_head=False)
+  c.batch_size = args.batch
+  c.compute_dtype = "float32"
+  return c
+
+
+def make_batch(args, rng):
+  from dinov2_jax import masking
+
+  grid = args.global_size // 14
+  mb = masking.sample_batch_masks(rng, 2 * args.batch, (grid, grid),
+                                  max_num_patches=masking.meta_max_num_patches(args.global_size, 14))
+  return dict(
+      global_crops=rng.normal(size=(2 * args.batch, args.global_size, args.global_size, 3)).astype(np.float32),
+      local_crops=rng.normal(size=(args.n_local * args.batch, args.local_size, args.local_size, 3)).astype(np.float32),
+      masks=mb.masks, mask_indices=mb.mask_indices, mask_weights=mb.mask_weights, mask_valid=mb.mask_valid)
+
+
+def bench(args):
+  import jax
+  import torch
+
+  from benchmarks.torch_reference_step import HeadSpec, TorchDinov2Step
+  from dinov2_jax import schedules
+  from dinov2_jax.train import state as train_state
+  from dinov2_jax.train import step as train_step
+  from dinov2_jax.weights.convert import params_to_meta
+
+  config = make_config(args)
+  arch = train_state.make_arch(config)
+  t0 = time.perf_counter()
+  student = train_state.init_student_params(config, 0)
+  tx = train_step.build_optimizer_for(arch, student, config)
+  state = train_state.init_train_state(student, tx, config, 0)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
+  # Meta-like values (lr > 0 and last-layer lr > 0, so every AdamW update is a real one).
+  tables = schedules.build_schedules(lr=1e-3, epochs=10, warmup_epochs=0, freeze_last_layer_epochs=0,
+                                     epoch_length=100).tables()
+
+  _, dim, depth, heads, ffn = MODELS[args.model]
+  reference = TorchDinov2Step(
+      embed_dim=dim, depth=depth, num_heads=heads, patch_size=14, img_size=args.global_size,
+      n_local_crops=args.n_local, dino_head=HeadSpec(args.prototypes), ibot_head=None, centering="centering",
+      schedules=tables, ffn_layer=ffn, layerscale=1.0e-5, interpolate_offset=config.student.interpolate_offset,
+      attn_implementation="sdpa")
+  host = jax.device_get(student)
+  reference.load_meta_state_dicts({"backbone": params_to_meta(host["backbone"]),
+                                   "dino_head": params_to_meta(host["dino_head"], head_nlayers=3)})
+  del host, student
+
+  batch = jax.device_put(make_batch(args, np.random.default_rng(0)))
+  batch_np = jax.device_get(batch)
+  jitted = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, batch, tables).compile()
+  compile_s = time.perf_counter() - t0
+  print(f"init {init_s:.1f} s, JAX compile {compile_s:.1f} s", flush=True)
+
+  it = 0
+  def run_jax():
+    nonlocal state
+    state, metrics = compiled(state, batch, tables)
+    jax.block_until_ready(metrics)
+    return float(metrics["total_loss"])
+
+  def run_torch():
+    return reference.step(batch_np, it)["total_loss"]
+
+  # Wall time, and the process's CPU time (all threads): the machine may be shared, and CPU seconds
+  # per step are much less sensitive to other jobs than wall seconds.
+  wall = {"jax": [], "torch": []}
+  cpu = {"jax": [], "torch": []}
+  for i in range(args.warmup + args.iters):
+    it = i
+    for name, fn in (("jax", run_jax), ("torch", run_torch)):
+      t0, c0 = time.perf_counter(), time.process_time()
+      loss = fn()
+      dt, dc = time.perf_counter() - t0, time.process_time() - c0
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"{name}: loss {loss} at step {i}")
+      if i >= args.warmup:
+        wall[name].append(dt)
+        cpu[name].append(dc)
+      print(f"  step {i}{' (warmup)' if i < args.warmup else ''} {name}: {dt:.2f} s wall, {dc:.2f} s CPU, "
+            f"loss {loss:.4f}", flush=True)
+  med = {k: statistics.median(v) for k, v in wall.items()}
+  med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+  return dict(ips_jax=args.batch / med["jax"], ips_torch=args.batch / med["torch"], ratio=med["torch"] / med["jax"],
+              cpu_ratio=med_cpu["torch"] / med_cpu["jax"], compile_s=compile_s, init_s=init_s,
+              jax_s=med["jax"], torch_s=med["torch"], jax_cpu_s=med_cpu["jax"], torch_cpu_s=med_cpu["torch"],
+              torch_threads=torch.get_num_threads(), jax_version=jax.__version__, torch_version=torch.__version__)
+
+
+# ------------------------------------------------------------------------------------------------
+# ViT-g memory on fake devices (runs in a subprocess: the device count is fixed at jax import).
+
+
+def memory_child(args):
+  import jax
+  import jax.numpy as jnp
+
+  from dinov2_jax import masking, schedules
+  from dinov2_jax.train import sharding
+  from dinov2_jax.train import state as train_state
+  from dinov2_jax.train import step as train_step
+  from dinov2_jax.train.default_config import get_default_config
+
+  n_dev = jax.device_count()
+  fsdp = args.fsdp
+  c = get_default_config()
+  # Meta's vitg14.yaml: vit_giant2, patch 14, swiglufused, drop path 0.4, layerscale 1e-5,
+  # DINO 131072 prototypes / bottleneck 384, separate iBOT head 131072, Sinkhorn-Knopp, 98 px locals.
+  arch_name, dim, depth, heads, ffn = MODELS[args.memory_model]
+  c.student.update(arch=arch_name, embed_dim=dim, depth=depth, num_heads=heads, patch_size=14, ffn_layer=ffn,
+                   drop_path_rate=0.4, layerscale=1e-5, drop_path_mode=args.drop_path_mode)
+  c.dino.update(head_n_prototypes=131072, head_bottleneck_dim=384)
+  c.ibot.update(separate_head=True, head_n_prototypes=131072, head_bottleneck_dim=256)
+  c.crops.update(global_crops_size=224, local_crops_size=98, local_crops_number=8)
+  c.centering = "sinkhorn_knopp"
+  c.compute_dtype = "bfloat16"
+  c.remat = args.remat
+  batch = args.per_device * n_dev
+  c.batch_size = batch
+
+  arch = train_state.make_arch(c)
+  student = train_state.abstract_student(c)
+  tx = train_step.build_optimizer_for(arch, student, c)
+  state = jax.eval_shape(lambda s: train_state.init_train_state(s, tx, c, 0), student)
+  mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)))
+  state_sh = sharding.tree_shardings(state, mesh, rules=((".*", "fsdp"),))
+  n_tokens = (224 // 14) ** 2
+  # Meta's static upper bound on the masked tokens, padded further to a multiple of the device count
+  # so that the token list can be split over the devices like the batch (padding entries have
+  # weight 0 / valid False, so the step ignores them). A replicated token list makes every device
+  # run the iBOT heads on ALL masked tokens of the global batch.
+  upper = masking.mask_upperbound(2 * batch, n_tokens)
+  if args.shard_mask_list:
+    upper = -(-upper // n_dev) * n_dev
+  bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  mask_sh = bsh if args.shard_mask_list else rep
+  sds = jax.ShapeDtypeStruct
+  batch_abs = dict(
+      global_crops=sds((2 * batch, 224, 224, 3), jnp.float32, sharding=bsh),
+      local_crops=sds((8 * batch, 98, 98, 3), jnp.float32, sharding=bsh),
+      masks=sds((2 * batch, n_tokens), jnp.bool_, sharding=bsh),
+      mask_indices=sds((upper,), jnp.int32, sharding=mask_sh),
+      mask_weights=sds((upper,), jnp.float32, sharding=mask_sh),
+      mask_valid=sds((upper,), jnp.bool_, sharding=mask_sh))
+  tables = schedules.build_schedules(lr=1e-3).tables()
+  tables_abs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in tables.items()}
+  state_abs = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), state, state_sh)
+
+  step = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0, out_shardings=(state_sh, rep))
+  print(f"lowering {args.memory_model} on {n_dev} devices ...", file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  lowered = step.lower(state_abs, batch_abs, tables_abs)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+
+  def shard_bytes(x, s):
+    return int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+
+  def total_bytes(x):
+    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+  parts = {k: getattr(state, k) for k in ("student", "teacher", "opt_state")}
+  out = dict(
+      model=args.memory_model, remat=args.remat, drop_path_mode=args.drop_path_mode,
+      mask_list="sharded" if args.shard_mask_list else "replicated",
+      devices=n_dev, mesh=dict(data=n_dev // fsdp, fsdp=fsdp), global_batch=batch, per_device=args.per_device,
+      mask_upperbound=upper, lower_s=lower_s, compile_s=compile_s,
+      n_student_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.student))),
+      state_total_bytes={k: sum(total_bytes(x) for x in jax.tree.leaves(v)) for k, v in parts.items()},
+      state_per_device_bytes={k: sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(v), jax.tree.leaves(
+          getattr(state_sh, k)))) for k, v in parts.items()},
+      memory_analysis={f: int(getattr(mem, f)) for f in (
+          "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+          "generated_code_size_in_bytes") if hasattr(mem, f)},
+      jax_version=jax.__version__)
+  print("MEMORY_JSON " + json.dumps(out), flush=True)
+
+
+def memory(args):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--per-device", str(args.per_device),
+         "--fsdp", str(args.fsdp), "--memory-model", args.memory_model, "--drop-path-mode", args.drop_path_mode,
+         "--remat" if args.remat else "--no-remat",
+         "--shard-mask-list" if args.shard_mask_list else "--replicate-mask-list"]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"memory subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  result = json.loads(lines[-1][len("MEMORY_JSON "):])
+  result["wall_s"] = wall
+  return result
+
+
+def gib(n):
+  return n / 2 ** 30
+
+
+def print_memory(m):
+  ma = m["memory_analysis"]
+  live = ma["argument_size_in_bytes"] + ma["output_size_in_bytes"] - ma.get("alias_size_in_bytes", 0) \
+      + ma["temp_size_in_bytes"]
+  print(f"\n{m['model']} step memory per device: {m['devices']} fake CPU devices, mesh data={m['mesh']['data']} x "
+        f"fsdp={m['mesh']['fsdp']}, global batch {m['global_batch']} ({m['per_device']} per device), "
+        f"masked-token list of {m['mask_upperbound']} ({m['mask_list']}), drop path 0.4 mode "
+        f"{m['drop_path_mode']}, remat {m['remat']}; lower {m['lower_s']:.0f} s, compile {m['compile_s']:.0f} s")
+  print(f"student parameters: {m['n_student_params'] / 1e9:.3f} B")
+  print()
+  print("| quantity | total GiB | per device GiB |")
+  print("|---|---|---|")
+  for k in ("student", "teacher", "opt_state"):
+    print(f"| {k} (state, from the shardings) | {gib(m['state_total_bytes'][k]):.2f} | "
+          f"{gib(m['state_per_device_bytes'][k]):.3f} |")
+  for k, v in ma.items():
+    print(f"| memory_analysis: {k} | | {gib(v):.3f} |")
+  print(f"| **arguments + outputs - aliased + temp** | | **{gib(live):.2f}** |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="vits14", choices=sorted(MODELS))
+  parser.add_argument("--batch", type=int, default=8, help="images per step (each 2 global + n_local crops)")
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--prototypes", type=int, default=65536, help="DINO/iBOT head prototypes (Meta: 65536)")
+  parser.add_argument("--n-local", type=int, default=8)
+  parser.add_argument("--global-size", type=int, default=224)
+  parser.add_argument("--local-size", type=int, default=98)
+  parser.add_argument("--memory", action="store_true", help="also the ViT-g/14 per-device memory (subprocess)")
+  parser.add_argument("--memory-only", action="store_true", help="only the ViT-g/14 memory analysis")
+  parser.add_argument("--devices", type=int, default=64, help="fake CPU devices for --memory")
+  parser.add_argument("--fsdp", type=int, default=8, help="fsdp axis size for --memory (data = devices / fsdp)")
+  parser.add_argument("--per-device", type=int, default=12, help="images per device for --memory (Meta vitg14: 12)")
+  parser.add_argument("--memory-model", default="vitg14", choices=sorted(MODELS), help="backbone for --memory")
+  parser.add_argument("--drop-path-mode", default="meta", choices=("meta", "per_sample"),
+                      help="--memory: stochastic depth 0.4 as Meta (batch subset) or per sample")
+  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                      help="--memory: recompute each block in the backward pass (default on)")
+  parser.add_argument("--replicate-mask-list", dest="shard_mask_list", action="store_false",
+                      help="--memory: replicate the masked-token list instead of splitting it over the devices")
+  parser.add_argument("--shard-mask-list", dest="shard_mask_list", action="store_true", default=True,
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.memory_child:
+    memory_child(args)
+    return
+
+  print(f"command: python {' '.join(sys.argv)}")
+  if not args.memory_only:
+    r = bench(args)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; jax {r['jax_version']} (CPU), torch {r['torch_version']} "
+          f"({r['torch_threads']} threads)")
+    print()
+    print("| model | crops | batch (images) | K | dtype | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) "
+          "| jax s/step (CPU s) | torch s/step (CPU s) | CPU-time ratio (torch/jax) | jax compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model} | 2x{args.global_size} + {args.n_local}x{args.local_size} | {args.batch} | "
+          f"{args.prototypes} | float32 | {r['ips_jax']:.3f} | {r['ips_torch']:.3f} | {r['ratio']:.2f} | "
+          f"{r['jax_s']:.2f} ({r['jax_cpu_s']:.2f}) | {r['torch_s']:.2f} ({r['torch_cpu_s']:.2f}) | "
+          f"{r['cpu_ratio']:.2f} | {r['compile_s']:.1f} |")
+    print(f"(median over {args.iters} alternating steps after {args.warmup} warm-up; JAX init {r['init_s']:.1f} s)")
+  if args.memory or args.memory_only:
+    print_memory(memory(args))
+
+
+if __name__ == "__main__":
+  main()
