@@ -27,8 +27,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -558,3 +559,21 @@ def write_report(out_dir: str, name: str, results: Mapping[str, Any], table: str
   if log:
     log(table)
     log(f"results written to {os.path.join(out_dir, name)}.json and .md")
+
+
+def run_with_config_file(run: Callable[[Any], dict], module: str, config_file: str,
+                         argv: Sequence[str] | None = None) -> dict:
+  """`python -m <module> --config <config_file> [--config.FIELD=VALUE ...]` -> `run(config)`.
+
+  Uses private absl flags so an entry point can run twice in one process (tests, notebooks).
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  argv = list(argv if argv is not None else sys.argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, f"a {os.path.basename(config_file)} config file",
+                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  if flag_values.config is None:
+    raise SystemExit(f"usage: python -m {module} --config {config_file} [--config.FIELD=VALUE ...]")
+  return run(flag_values.config)

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -561,17 +560,7 @@ def run(config, log=F.log_print) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   """Entry point: `python -m dinov2_jax.eval.linear --config configs/eval_linear.py [--config.x=y ...]`."""
-  from absl import flags
-  from ml_collections import config_flags
-  argv = list(argv if argv is not None else sys.argv)
-  flag_values = flags.FlagValues()  # private flags: main() can run twice in one process (tests)
-  config_flags.DEFINE_config_file("config", None, "an eval_linear.py config file", flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  if flag_values.config is None:
-    raise SystemExit("usage: python -m dinov2_jax.eval.linear --config configs/eval_linear.py "
-                     "[--config.FIELD=VALUE ...]")
-  return run(flag_values.config)
+  return F.run_with_config_file(run, "dinov2_jax.eval.linear", "configs/eval_linear.py", argv)
 
 
 if __name__ == "__main__":
