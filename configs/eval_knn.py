@@ -23,7 +23,7 @@ overridden, e.g. `--config.dataset.name=folder --config.dataset.data_dir=/data/i
 
 import ml_collections
 
-from dinov2_jax.eval.features import add_common_config
+from dinov2_jax.eval.features import add_common_config, apply_dataset_variant
 
 
 def get_config(arg=None):
@@ -34,13 +34,5 @@ def get_config(arg=None):
   config.knn.temperature = 0.07
   config.knn.bank_chunk = 65536  # train rows per device step (streamed from disk)
   config.knn.query_block = 256  # queries per matmul, per device
-  if arg in (None, "", "demo"):
-    config.resolution = 56
-  elif arg == "imagenet":
-    config.dataset.name = "imagenet2012"
-    config.dataset.eval_split = "validation"
-    config.batch_size = 256
-    config.chunk_size = 16384
-  else:
-    raise ValueError(f"unknown config variant {arg!r}; use demo or imagenet")
+  apply_dataset_variant(config, arg)
   return config

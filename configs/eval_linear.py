@@ -31,7 +31,7 @@ setting add `--config.linear.selection=eval --config.linear.augment=True`); not 
 
 import ml_collections
 
-from dinov2_jax.eval.features import add_common_config
+from dinov2_jax.eval.features import add_common_config, apply_dataset_variant
 from dinov2_jax.eval.linear import LEARNING_RATES
 
 
@@ -54,15 +54,8 @@ def get_config(arg=None):
   # True: Meta's train-time RandomResizedCrop + flip, one backbone pass per training image per step
   # (about `epochs` x the cost of the default precomputed features).
   config.linear.augment = False
-  if arg in (None, "", "demo"):
-    config.resolution = 56
-  elif arg == "imagenet":
-    config.dataset.name = "imagenet2012"
-    config.dataset.eval_split = "validation"
-    config.batch_size = 256
-    config.chunk_size = 16384
+  apply_dataset_variant(config, arg)
+  if arg == "imagenet":
     config.linear.batch_size = 1024
     config.linear.epoch_length = 1250
-  else:
-    raise ValueError(f"unknown config variant {arg!r}; use demo or imagenet")
   return config

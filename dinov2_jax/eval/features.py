@@ -577,3 +577,16 @@ def run_with_config_file(run: Callable[[Any], dict], module: str, config_file: s
   if flag_values.config is None:
     raise SystemExit(f"usage: python -m {module} --config {config_file} [--config.FIELD=VALUE ...]")
   return run(flag_values.config)
+
+
+def apply_dataset_variant(config, arg) -> None:
+  """The `:demo` (default) / `:imagenet` variants shared by configs/eval_knn.py and eval_linear.py."""
+  if arg in (None, "", "demo"):
+    config.resolution = 56
+  elif arg == "imagenet":
+    config.dataset.name = "imagenet2012"
+    config.dataset.eval_split = "validation"
+    config.batch_size = 256
+    config.chunk_size = 16384
+  else:
+    raise ValueError(f"unknown config variant {arg!r}; use demo or imagenet")
