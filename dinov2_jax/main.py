@@ -50,7 +50,7 @@ def run(config, workdir: str) -> dict:
   from dinov2_jax.train.state import make_arch
 
   trainer.validate_config(config)
-  before = None
+  before, student = None, None
   if config.knn_eval.enabled:
     # The teacher at step 0 equals the student's initialisation (seeded, or loaded weights).
     from flax import nnx
@@ -61,7 +61,7 @@ def run(config, workdir: str) -> dict:
     before = demo_knn_accuracy(api.Backbone(nnx.merge(make_arch(config).backbone, student["backbone"])), config)
     print(f"k-NN (k={before['k']}) top-1 of the initial teacher on the demo test split: {before['top1']:.1f}%",
           flush=True)
-  result = trainer.train(config, workdir)
+  result = trainer.train(config, workdir, student=student)  # the same initialisation, not built twice
   if config.knn_eval.enabled and result["step"] == trainer.total_steps(config):
     after = demo_knn_accuracy(trainer.teacher_backbone(result["state"], result["arch"]), config)
     print(f"k-NN (k={after['k']}) top-1 of the trained teacher on the demo test split: {after['top1']:.1f}%",

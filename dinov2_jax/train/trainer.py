@@ -221,7 +221,7 @@ STEP_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weigh
 
 
 def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict], None] | None = None, student: dict | None = None) -> dict[str, Any]:
   """Runs (or resumes) pretraining in `workdir`. Returns the final metrics and paths.
 
   Args:
@@ -229,6 +229,8 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
     workdir: checkpoints, logs and exports go here; an existing run in it is resumed.
     make_data_iterator: `(config, patch_size, start_step) -> iterator` override (tests).
     on_step: called with (step, metrics) after every step (tests, notebooks).
+    student: the step-0 student from `initial_student(config, ...)` when the caller already built it
+      (used only when the run starts from scratch, not on resume).
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -256,7 +258,7 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
                        "config (saved as config.json in the workdir).") from None
     print(f"resumed from {checkpointer.directory}/{start} (step {int(state.step)})", flush=True)
   else:
-    student = initial_student(config, student_shapes)
+    student = initial_student(config, student_shapes) if student is None else student
     state = jax.jit(lambda s: init_train_state(s, tx, config, config.seed), out_shardings=state_shardings)(student)
     data_state, start = None, 0
   start = int(jax.device_get(state.step))
