@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dinov2_jax import cpu_tuning
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
@@ -77,10 +79,12 @@ def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  if _CONFIG.value.get("cpu_tuning", True) and cpu_tuning.backend_will_be_cpu():
+    cpu_tuning.keep_freed_host_memory()  # before anything starts JAX's threads
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -30,6 +30,35 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 DROP_PATH_MODES = ("meta", "per_sample")
 
 
+@jax.custom_vjp
+def materialize_cotangent(x: jax.Array) -> jax.Array:
+  """Identity whose gradient XLA must write to memory instead of fusing it into its consumers.
+
+  Why: in a pre-LayerNorm transformer the gradient of the residual stream at block l is a sum of
+  elementwise LayerNorm-backward terms of every later block. XLA:CPU treats that chain as cheap to
+  duplicate and fuses all of it into each consumer (the weight-gradient transposes of every block),
+  so the backward recomputes it O(depth^2) times: a third of a ViT-S step's backward time. An
+  `optimization_barrier` does not help on CPU (its compiler expands barriers before fusion); a
+  conditional does, because its operand must exist in memory. The branch taken is always the
+  identity; only the fusion, and so the float rounding, changes. (x: any shape and dtype; returns x.)
+  """
+  return x
+
+
+def _materialize_fwd(x):
+  return x, None
+
+
+def _materialize_bwd(_, g):
+  # The predicate is true for every float, NaN included, but the compiler cannot prove it; the
+  # branches must differ, or XLA merges them and drops the conditional.
+  always = jnp.logical_not(g.reshape(-1)[0] < -jnp.inf)
+  return (jax.lax.cond(always, lambda t: t, jnp.zeros_like, g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """Backbone hyper-parameters. The first block of fields are Meta's constructor arguments.
@@ -56,6 +85,9 @@ class ViTConfig:
       equal groups of the batch (Meta draws it per GPU); the trainer sets it to the number of data
       shards so each device keeps working on its own samples.
     remat: recompute each block's activations in the backward pass (saves memory in training).
+    grad_barrier: materialise the residual-stream gradient at every block boundary in the backward
+      pass (`materialize_cotangent`); None turns it on for the CPU backend only, where it makes
+      the backward of ViT-S/14 ~1.5x faster. Results change only by float rounding.
   """
 
   img_size: int = 224
@@ -80,6 +112,7 @@ class ViTConfig:
   drop_path_mode: str = "meta"
   drop_path_groups: int = 1
   remat: bool = False
+  grad_barrier: bool | None = None
 
   def __post_init__(self):
     if self.ffn_layer not in FFN_LAYERS:
@@ -364,11 +397,14 @@ class DinoVisionTransformer(nnx.Module):
   def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = ()):
     keys = [None] * len(self.blocks) if drop_path_key is None else list(jax.random.split(drop_path_key, len(self.blocks)))
     kept = []
+    barrier = self.cfg.grad_barrier if self.cfg.grad_barrier is not None else jax.default_backend() == "cpu"
     for i, block in enumerate(self.blocks):
       if self.cfg.remat:
         x = nnx.remat(lambda blk, y, k: blk(y, k))(block, x, keys[i])
       else:
         x = block(x, keys[i])
+      if barrier:
+        x = materialize_cotangent(x)
       if i in keep:
         kept.append(x)
     return x, kept

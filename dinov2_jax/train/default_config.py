@@ -16,6 +16,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.epoch_length = 1250  # Meta's OFFICIAL_EPOCH_LENGTH: an "epoch" is this many iterations
   c.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, float32 parameters and loss maths
   c.remat = False  # recompute each block in the backward pass
+  # On the CPU backend: reuse freed host memory between steps and keep XLA's reductions out of
+  # YNNPACK (dinov2_jax/cpu_tuning.py; 1.6x faster steps). No effect on GPU/TPU.
+  c.cpu_tuning = True
   c.centering = "centering"  # or "sinkhorn_knopp"
 
   c.dino = ml_collections.ConfigDict(dict(

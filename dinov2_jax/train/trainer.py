@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dinov2_jax import api, schedules
+from dinov2_jax import api, cpu_tuning, schedules
 from dinov2_jax.train import sharding
 from dinov2_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from dinov2_jax.train.state import (TrainState, abstract_student, backbone_config_from, init_student_params,
@@ -273,7 +273,8 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(arch, tx, jax.process_count()), donate_argnums=0,
                     in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
-                    out_shardings=(state_shardings, sharding.replicated(mesh)))
+                    out_shardings=(state_shardings, sharding.replicated(mesh)),
+                    compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
   logger = MetricsLogger(workdir, n_steps, config.batch_size)
   print(f"training {n_steps} steps from step {start} on {jax.device_count()} devices, mesh "
         f"{dict(zip(mesh.axis_names, mesh.devices.shape))}, global batch {config.batch_size}", flush=True)
