@@ -14,6 +14,10 @@ AdamW with Meta's parameter groups, EMA teacher update), on B images = B x (2 + 
   * PyTorch: `benchmarks/torch_reference_step.TorchDinov2Step` (transformers `Dinov2Model` student
     and teacher + torch DINO heads + `torch.optim.AdamW`), loaded with the same weights.
 
+The JAX side runs with the trainer's CPU settings (`dinov2_jax.cpu_tuning` and the model's
+residual-gradient barrier); `--tuning none` (or a subset: heap, barrier, ynn) measures without them.
+The heap setting is process-wide, so the PyTorch step gets it too.
+
 Both get the same batch (random images, Meta-style iBOT masks) and the same schedule values. The
 timed iterations alternate between the two frameworks so that machine noise hits both alike; each
 figure is the median over `--iters` steps after `--warmup` untimed steps. Stochastic depth is off on
@@ -41,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +55,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+TUNINGS = ("heap", "barrier", "ynn")
 MODELS = {  # name -> (Meta arch, embed_dim, depth, heads, ffn)
     "tiny": ("custom", 64, 2, 2, "mlp"),
     "vits14": ("vit_small", 384, 12, 6, "mlp"),
@@ -93,12 +99,13 @@ def bench(args):
   import torch
 
   from benchmarks.torch_reference_step import HeadSpec, TorchDinov2Step
-  from dinov2_jax import schedules
+  from dinov2_jax import cpu_tuning, schedules
   from dinov2_jax.train import state as train_state
   from dinov2_jax.train import step as train_step
   from dinov2_jax.weights.convert import params_to_meta
 
   config = make_config(args)
+  config.cpu_tuning = "barrier" in args.tuning  # the residual-gradient barrier (models/vit.py)
   arch = train_state.make_arch(config)
   t0 = time.perf_counter()
   student = train_state.init_student_params(config, 0)
@@ -123,7 +130,8 @@ def bench(args):
 
   batch = jax.device_put(make_batch(args, np.random.default_rng(0)))
   batch_np = jax.device_get(batch)
-  jitted = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0)
+  jitted = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0,
+                   compiler_options=cpu_tuning.compiler_options() if "ynn" in args.tuning else None)
   t0 = time.perf_counter()
   compiled = jitted.lower(state, batch, tables).compile()
   compile_s = time.perf_counter() - t0
@@ -141,26 +149,32 @@ def bench(args):
 
   # Wall time, and the process's CPU time (all threads): the machine may be shared, and CPU seconds
   # per step are much less sensitive to other jobs than wall seconds.
-  wall = {"jax": [], "torch": []}
-  cpu = {"jax": [], "torch": []}
+  # Page faults and kernel time as well: fresh memory is a large, allocator-dependent part of a CPU step.
+  wall, cpu, kernel, faults = ({"jax": [], "torch": []} for _ in range(4))
   for i in range(args.warmup + args.iters):
     it = i
     for name, fn in (("jax", run_jax), ("torch", run_torch)):
-      t0, c0 = time.perf_counter(), time.process_time()
+      t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
       loss = fn()
-      dt, dc = time.perf_counter() - t0, time.process_time() - c0
+      dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+      dc, ds = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, r1.ru_stime - r0.ru_stime
+      df = r1.ru_minflt - r0.ru_minflt
       if not np.isfinite(loss):
         raise FloatingPointError(f"{name}: loss {loss} at step {i}")
       if i >= args.warmup:
-        wall[name].append(dt)
-        cpu[name].append(dc)
-      print(f"  step {i}{' (warmup)' if i < args.warmup else ''} {name}: {dt:.2f} s wall, {dc:.2f} s CPU, "
-            f"loss {loss:.4f}", flush=True)
+        for table, value in ((wall, dt), (cpu, dc), (kernel, ds), (faults, df)):
+          table[name].append(value)
+      print(f"  step {i}{' (warmup)' if i < args.warmup else ''} {name}: {dt:.2f} s wall, {dc:.2f} s CPU "
+            f"({ds:.2f} s kernel, {df} page faults), loss {loss:.4f}", flush=True)
   med = {k: statistics.median(v) for k, v in wall.items()}
   med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+  med_kernel = {k: statistics.median(v) for k, v in kernel.items()}
+  med_faults = {k: statistics.median(v) for k, v in faults.items()}
   return dict(ips_jax=args.batch / med["jax"], ips_torch=args.batch / med["torch"], ratio=med["torch"] / med["jax"],
               cpu_ratio=med_cpu["torch"] / med_cpu["jax"], compile_s=compile_s, init_s=init_s,
               jax_s=med["jax"], torch_s=med["torch"], jax_cpu_s=med_cpu["jax"], torch_cpu_s=med_cpu["torch"],
+              jax_kernel_s=med_kernel["jax"], torch_kernel_s=med_kernel["torch"],
+              jax_faults=med_faults["jax"], torch_faults=med_faults["torch"],
               torch_threads=torch.get_num_threads(), jax_version=jax.__version__, torch_version=torch.__version__)
 
 
@@ -307,6 +321,11 @@ def main():
   parser.add_argument("--n-local", type=int, default=8)
   parser.add_argument("--global-size", type=int, default=224)
   parser.add_argument("--local-size", type=int, default=98)
+  parser.add_argument("--tuning", default=",".join(TUNINGS),
+                      help="CPU settings of dinov2_jax.cpu_tuning to apply, comma-separated, or 'none': heap "
+                           "(reuse freed host memory; both frameworks), barrier (residual-gradient barrier in "
+                           "the JAX backbone), ynn (no YNNPACK reductions in the JAX step). Default: all, as "
+                           "the trainer does")
   parser.add_argument("--memory", action="store_true", help="also the ViT-g/14 per-device memory (subprocess)")
   parser.add_argument("--memory-only", action="store_true", help="only the ViT-g/14 memory analysis")
   parser.add_argument("--devices", type=int, default=64, help="fake CPU devices for --memory")
@@ -328,19 +347,29 @@ def main():
     return
 
   print(f"command: python {' '.join(sys.argv)}")
+  args.tuning = set() if args.tuning == "none" else set(args.tuning.split(","))
+  if args.tuning - set(TUNINGS):
+    parser.error(f"--tuning: unknown {sorted(args.tuning - set(TUNINGS))}; choose from {TUNINGS} or 'none'")
+  if "heap" in args.tuning and not args.memory_only:
+    from dinov2_jax import cpu_tuning
+    # Before JAX or torch start their threads; it serves both frameworks' allocations alike.
+    print(f"heap reuse (cpu_tuning.keep_freed_host_memory) applied: {cpu_tuning.keep_freed_host_memory()}")
   if not args.memory_only:
     r = bench(args)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; jax {r['jax_version']} (CPU), torch {r['torch_version']} "
           f"({r['torch_threads']} threads)")
     print()
-    print("| model | crops | batch (images) | K | dtype | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) "
-          "| jax s/step (CPU s) | torch s/step (CPU s) | CPU-time ratio (torch/jax) | jax compile s |")
+    print("| model | crops | batch (images) | K | tuning | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) "
+          "| jax s/step: wall (CPU, kernel) | torch s/step: wall (CPU, kernel) | page faults/step jax, torch "
+          "| jax compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.model} | 2x{args.global_size} + {args.n_local}x{args.local_size} | {args.batch} | "
-          f"{args.prototypes} | float32 | {r['ips_jax']:.3f} | {r['ips_torch']:.3f} | {r['ratio']:.2f} | "
-          f"{r['jax_s']:.2f} ({r['jax_cpu_s']:.2f}) | {r['torch_s']:.2f} ({r['torch_cpu_s']:.2f}) | "
-          f"{r['cpu_ratio']:.2f} | {r['compile_s']:.1f} |")
+          f"{args.prototypes} | {','.join(sorted(args.tuning)) or 'none'} | {r['ips_jax']:.3f} | "
+          f"{r['ips_torch']:.3f} | **{r['ratio']:.2f}** | "
+          f"{r['jax_s']:.2f} ({r['jax_cpu_s']:.2f}, {r['jax_kernel_s']:.2f}) | "
+          f"{r['torch_s']:.2f} ({r['torch_cpu_s']:.2f}, {r['torch_kernel_s']:.2f}) | "
+          f"{r['jax_faults']:.0f}, {r['torch_faults']:.0f} | {r['compile_s']:.1f} |")
     print(f"(median over {args.iters} alternating steps after {args.warmup} warm-up; JAX init {r['init_s']:.1f} s)")
   if args.memory or args.memory_only:
     print_memory(memory(args))

@@ -1,22 +1,24 @@
-"""Two process settings that make the training step fast on the CPU backend.
+"""Process and compiler settings that make the training step fast on the CPU backend.
 
-Both were found by profiling the ViT-S/14 step (`benchmarks/train_step.py`, figures in
-`benchmarks/RESULTS.md`); neither changes what is computed.
+Found by profiling the ViT-S/14 step (`benchmarks/profile_train_step.py`; figures in
+`benchmarks/RESULTS.md`). None of them changes what is computed (the compiler option changes only
+float rounding). A third setting, the residual-gradient barrier, lives with the model
+(`dinov2_jax.models.vit.materialize_cotangent`).
 
-* `keep_freed_host_memory()`: XLA:CPU allocates all of a step's temporaries as one block (2.6 GB
+* `keep_freed_host_memory()`: XLA:CPU allocates all of a step's temporaries as one block (2.4 GiB
   for ViT-S/14 at batch 4) and frees it when the step ends. glibc serves a block that large with a
-  fresh `mmap` every time, so every step page-faults the whole block in again and unmaps it: a
-  third of the step's time went to the kernel. Serving everything from one heap that is never
-  trimmed lets each step reuse the previous step's pages. It must run before JAX creates its
-  threads (before the first device query or computation), because threads that already own a malloc
-  arena keep it.
-* `compiler_options()`: XLA options for jitting the step. jaxlib 0.10 hands reductions to YNNPACK,
-  which is ~3x slower than XLA's own loops for the column sums of this model (the weight norm of the
-  65536-prototype layer, the teacher centre, bias gradients); the option keeps YNNPACK for matrix
-  products only.
+  fresh `mmap` every time, so every step page-faults the whole block in again and unmaps it: half
+  of the step's time went to the kernel (more with two threads, which contend for the page tables).
+  Serving everything from one heap that is never trimmed lets each step reuse the previous step's
+  pages. It must run before JAX creates its threads (before the first device query or computation),
+  because threads that already own a malloc arena keep it.
+* `compiler_options()`: XLA options for jitting the step. jaxlib 0.10 hands reductions to YNNPACK;
+  keeping YNNPACK for matrix products only gives the step 18% less temporary memory and ~5% less
+  kernel time (ViT-S/14, batch 4).
 
-The trainer (`dinov2_jax.main`) applies both when `config.cpu_tuning` is True and the backend is the
-CPU. Elsewhere (GPU, TPU, non-glibc systems) they do nothing.
+The trainer applies them when `config.cpu_tuning` is True (the default) and the backend is the CPU
+(`dinov2_jax.main` calls `keep_freed_host_memory`; `trainer.train` passes `compiler_options`).
+Elsewhere (GPU, TPU, non-glibc systems) they do nothing.
 """
 
 from __future__ import annotations

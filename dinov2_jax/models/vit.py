@@ -37,7 +37,7 @@ def materialize_cotangent(x: jax.Array) -> jax.Array:
   Why: in a pre-LayerNorm transformer the gradient of the residual stream at block l is a sum of
   elementwise LayerNorm-backward terms of every later block. XLA:CPU treats that chain as cheap to
   duplicate and fuses all of it into each consumer (the weight-gradient transposes of every block),
-  so the backward recomputes it O(depth^2) times: a third of a ViT-S step's backward time. An
+  so the backward recomputes it O(depth^2) times: a third of ViT-S/14's forward + backward time. An
   `optimization_barrier` does not help on CPU (its compiler expands barriers before fusion); a
   conditional does, because its operand must exist in memory. The branch taken is always the
   identity; only the fusion, and so the float rounding, changes. (x: any shape and dtype; returns x.)
