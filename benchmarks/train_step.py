@@ -209,7 +209,8 @@ def memory_child(args):
   batch = args.per_device * n_dev
   c.batch_size = batch
 
-  arch = train_state.make_arch(c)
+  # As train/trainer.py: Meta's batch-subset drop path draws its subset per data shard (all devices).
+  arch = train_state.make_arch(c, drop_path_groups=n_dev)
   student = train_state.abstract_student(c)
   tx = train_step.build_optimizer_for(arch, student, c)
   state = jax.eval_shape(lambda s: train_state.init_train_state(s, tx, c, 0), student)
