@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.train_step import TUNINGS, make_batch, make_config  # noqa: E402
+from benchmarks.train_step import TUNINGS, build_jax_step, parse_tuning  # noqa: E402
 
 _NOT_KERNELS = ("ThunkExecutor::", "Pjit", "CommonPjRt", "AllocateOutputBuffers", "ParseArguments")
 
@@ -77,32 +77,17 @@ def main():
   parser.add_argument("--hlo", default="", help="write the compiled HLO text here")
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args()
-  tuning = set() if args.tuning == "none" else set(args.tuning.split(","))
-  if tuning - set(TUNINGS):
-    parser.error(f"--tuning: unknown {sorted(tuning - set(TUNINGS))}")
+  tuning = parse_tuning(parser, args.tuning)
 
   from dinov2_jax import cpu_tuning
   if "heap" in tuning:
     cpu_tuning.keep_freed_host_memory()  # before JAX starts its threads
   import jax
-  import numpy as np
 
-  from dinov2_jax import schedules
-  from dinov2_jax.train import state as train_state
-  from dinov2_jax.train import step as train_step
-
-  config = make_config(args)
-  config.cpu_tuning = "barrier" in tuning
-  arch = train_state.make_arch(config)
-  student = train_state.init_student_params(config, 0)
-  tx = train_step.build_optimizer_for(arch, student, config)
-  state = train_state.init_train_state(student, tx, config, 0)
-  tables = schedules.build_schedules(lr=1e-3, epochs=10, warmup_epochs=0, freeze_last_layer_epochs=0,
-                                     epoch_length=100).tables()
-  batch = jax.device_put(make_batch(args, np.random.default_rng(0)))
-  options = cpu_tuning.compiler_options() if "ynn" in tuning else None
-  compiled = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0, compiler_options=options).lower(
-      state, batch, tables).compile()
+  step = build_jax_step(args, tuning)
+  state, batch, tables = step.state, step.batch, step.tables
+  compiled = step.jitted.lower(state, batch, tables).compile()
+  del step
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(compiled.as_text())

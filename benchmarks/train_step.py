@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -94,18 +95,29 @@ def make_batch(args, rng):
       masks=mb.masks, mask_indices=mb.mask_indices, mask_weights=mb.mask_weights, mask_valid=mb.mask_valid)
 
 
-def bench(args):
-  import jax
-  import torch
+def parse_tuning(parser: argparse.ArgumentParser, value: str) -> set[str]:
+  """`--tuning` ("none" or a comma-separated subset of TUNINGS) -> the set of settings to apply."""
+  tuning = set() if value == "none" else set(value.split(","))
+  if tuning - set(TUNINGS):
+    parser.error(f"--tuning: unknown {sorted(tuning - set(TUNINGS))}; choose from {TUNINGS} or 'none'")
+  return tuning
 
-  from benchmarks.torch_reference_step import HeadSpec, TorchDinov2Step
+
+def build_jax_step(args, tuning: set[str]) -> types.SimpleNamespace:
+  """The JAX side: config, fresh student and train state, schedule tables, batch, and the jitted step.
+
+  The step is jitted (not yet compiled) with the "barrier" and "ynn" settings of `tuning`; the
+  "heap" setting is process-wide and must be applied by the caller before JAX starts.
+  `init_s` is the time taken to initialise the student and the state.
+  """
+  import jax
+
   from dinov2_jax import cpu_tuning, schedules
   from dinov2_jax.train import state as train_state
   from dinov2_jax.train import step as train_step
-  from dinov2_jax.weights.convert import params_to_meta
 
   config = make_config(args)
-  config.cpu_tuning = "barrier" in args.tuning  # the residual-gradient barrier (models/vit.py)
+  config.cpu_tuning = "barrier" in tuning  # the residual-gradient barrier (models/vit.py)
   arch = train_state.make_arch(config)
   t0 = time.perf_counter()
   student = train_state.init_student_params(config, 0)
@@ -116,22 +128,36 @@ def bench(args):
   # Meta-like values (lr > 0 and last-layer lr > 0, so every AdamW update is a real one).
   tables = schedules.build_schedules(lr=1e-3, epochs=10, warmup_epochs=0, freeze_last_layer_epochs=0,
                                      epoch_length=100).tables()
+  batch = jax.device_put(make_batch(args, np.random.default_rng(0)))
+  jitted = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0,
+                   compiler_options=cpu_tuning.compiler_options() if "ynn" in tuning else None)
+  return types.SimpleNamespace(config=config, student=student, state=state, tables=tables, batch=batch,
+                               jitted=jitted, init_s=init_s)
+
+
+def bench(args):
+  import jax
+  import torch
+
+  from benchmarks.torch_reference_step import HeadSpec, TorchDinov2Step
+  from dinov2_jax.weights.convert import params_to_meta
+
+  jax_step = build_jax_step(args, args.tuning)
+  state, batch, tables, jitted = jax_step.state, jax_step.batch, jax_step.tables, jax_step.jitted
+  init_s = jax_step.init_s
 
   _, dim, depth, heads, ffn = MODELS[args.model]
   reference = TorchDinov2Step(
       embed_dim=dim, depth=depth, num_heads=heads, patch_size=14, img_size=args.global_size,
       n_local_crops=args.n_local, dino_head=HeadSpec(args.prototypes), ibot_head=None, centering="centering",
-      schedules=tables, ffn_layer=ffn, layerscale=1.0e-5, interpolate_offset=config.student.interpolate_offset,
-      attn_implementation="sdpa")
-  host = jax.device_get(student)
+      schedules=tables, ffn_layer=ffn, layerscale=1.0e-5,
+      interpolate_offset=jax_step.config.student.interpolate_offset, attn_implementation="sdpa")
+  host = jax.device_get(jax_step.student)
   reference.load_meta_state_dicts({"backbone": params_to_meta(host["backbone"]),
                                    "dino_head": params_to_meta(host["dino_head"], head_nlayers=3)})
-  del host, student
+  del host, jax_step
 
-  batch = jax.device_put(make_batch(args, np.random.default_rng(0)))
   batch_np = jax.device_get(batch)
-  jitted = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0,
-                   compiler_options=cpu_tuning.compiler_options() if "ynn" in args.tuning else None)
   t0 = time.perf_counter()
   compiled = jitted.lower(state, batch, tables).compile()
   compile_s = time.perf_counter() - t0
@@ -348,9 +374,7 @@ def main():
     return
 
   print(f"command: python {' '.join(sys.argv)}")
-  args.tuning = set() if args.tuning == "none" else set(args.tuning.split(","))
-  if args.tuning - set(TUNINGS):
-    parser.error(f"--tuning: unknown {sorted(args.tuning - set(TUNINGS))}; choose from {TUNINGS} or 'none'")
+  args.tuning = parse_tuning(parser, args.tuning)
   if "heap" in args.tuning and not args.memory_only:
     from dinov2_jax import cpu_tuning
     # Before JAX or torch start their threads; it serves both frameworks' allocations alike.

@@ -44,6 +44,7 @@ _M_ARENA_MAX = -8
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_WITHOUT_REDUCE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
+
 def backend_will_be_cpu() -> bool:
   """Whether JAX will run on the CPU, decided WITHOUT initialising a backend.
 
@@ -106,6 +107,6 @@ def _ynn_option_accepted() -> bool:
 
 def compiler_options() -> dict[str, str] | None:
   """`compiler_options` for `jax.jit` of the train step: None except on the CPU backend."""
-  if jax.default_backend() != "cpu" or os.environ.get("XLA_FLAGS", "").find(_YNN_OPTION) >= 0:
+  if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
     return None  # not CPU, or the user chose the YNNPACK fusions explicitly
   return {_YNN_OPTION: _YNN_WITHOUT_REDUCE} if _ynn_option_accepted() else None
