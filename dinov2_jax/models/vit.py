@@ -37,7 +37,7 @@ def materialize_cotangent(x: jax.Array) -> jax.Array:
   Why: in a pre-LayerNorm transformer the gradient of the residual stream at block l is a sum of
   elementwise LayerNorm-backward terms of every later block. XLA:CPU treats that chain as cheap to
   duplicate and fuses all of it into each consumer (the weight-gradient transposes of every block),
-  so the backward recomputes it O(depth^2) times: a third of ViT-S/14's forward + backward time. An
+  so the backward recomputes it O(depth^2) times: 24% of the ViT-S/14 train step's kernel time. An
   `optimization_barrier` does not help on CPU (its compiler expands barriers before fusion); a
   conditional does, because its operand must exist in memory. The branch taken is always the
   identity; only the fusion, and so the float rounding, changes. (x: any shape and dtype; returns x.)
@@ -86,8 +86,9 @@ class ViTConfig:
       shards so each device keeps working on its own samples.
     remat: recompute each block's activations in the backward pass (saves memory in training).
     grad_barrier: materialise the residual-stream gradient at every block boundary in the backward
-      pass (`materialize_cotangent`); None turns it on for the CPU backend only, where it makes
-      the backward of ViT-S/14 ~1.5x faster. Results change only by float rounding.
+      pass (`materialize_cotangent`); None turns it on for the CPU backend only, where it removes
+      a quarter of the ViT-S/14 train step's time (benchmarks/RESULTS.md). Results change only by
+      float rounding.
   """
 
   img_size: int = 224
