@@ -5,9 +5,10 @@
     dinov2-jax-train --config configs/demo.py --workdir /tmp/dinov2_demo        # same, installed script
 
 Any config field can be overridden on the command line (`--config.optim.base_lr=1e-3`). Re-running
-with the same workdir resumes from its latest complete checkpoint. On multi-host TPU/GPU, pass
-`--distributed` (calls `jax.distributed.initialize()`); every host runs the same command and loads
-its own slice of the global batch.
+with the same workdir resumes from its latest complete checkpoint. Multi-host: every process runs the
+same command and loads its own slice of the global batch; add `--distributed` where a cluster manager
+is detected (TPU pods, SLURM), or `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
+anywhere else (see `dinov2_jax/distributed.py`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dinov2_jax import cpu_tuning
+from dinov2_jax import cpu_tuning, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
 
 def demo_knn_accuracy(backbone, config) -> dict:
@@ -83,8 +83,7 @@ def main(argv) -> None:
     raise app.UsageError("--config and --workdir are required")
   if _CONFIG.value.get("cpu_tuning", True) and cpu_tuning.backend_will_be_cpu():
     cpu_tuning.keep_freed_host_memory()  # before anything starts JAX's threads
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed.initialize_from_flags()
   run(_CONFIG.value, _WORKDIR.value)
 
 
