@@ -3,7 +3,7 @@
 Found by profiling the ViT-S/14 step (`benchmarks/profile_train_step.py`; figures in
 `benchmarks/RESULTS.md`). None of them changes what is computed (the compiler option changes only
 float rounding). A third setting, the residual-gradient barrier, lives with the model
-(`dinov2_jax.models.vit.materialize_cotangent`).
+(`dinov2_jax.fusion.materialize_cotangent`).
 
 * `keep_freed_host_memory()`: XLA:CPU allocates all of a step's temporaries as one block (2.4 GiB
   for ViT-S/14 at batch 4) and frees it when the step ends. glibc serves a block that large with a

@@ -42,6 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dinov2_jax import fusion
+
 _F32 = jnp.float32
 
 
@@ -90,24 +92,26 @@ def dino_loss(
   term as `2 * mean over 2B rows / D`, which is the same sum of two per-crop means.
 
   Args:
-    student_global_logits: (2B, K) student head logits of the two global crops, crop-major.
-    student_local_logits: (n_local*B, K) student head logits of the local crops, crop-major, or
-      None (or zero rows) for n_local = 0.
-    teacher_probs: (2B, K) teacher targets (centred softmax or Sinkhorn-Knopp) of the global
-      crops, crop-major and NOT swapped. Used as constants by the caller's gradient.
+    student_global_logits: (2B, K) student head logits of the two global crops, crop-major, or
+      the same as (2, B, K).
+    student_local_logits: (n_local*B, K) student head logits of the local crops, crop-major (or
+      (n_local, B, K)), or None (or zero rows) for n_local = 0.
+    teacher_probs: (2B, K) or (2, B, K) teacher targets (centred softmax or Sinkhorn-Knopp) of the
+      global crops, crop-major and NOT swapped. Used as constants by the caller's gradient.
     student_temp: student softmax temperature (Meta: 0.1).
 
   Returns:
     `DinoLossTerms(local_crops, global_crops)`, float32 scalars.
   """
-  two_b, k = student_global_logits.shape
-  if two_b % 2 or teacher_probs.shape != (two_b, k):
+  k = student_global_logits.shape[-1]
+  two_b = student_global_logits.size // k
+  if two_b % 2 or teacher_probs.size != two_b * k or student_global_logits.ndim not in (2, 3):
     raise ValueError(
-        f'Expected (2B, K) student/teacher global rows, got {student_global_logits.shape} and '
+        f'Expected (2B, K) or (2, B, K) student/teacher global rows, got {student_global_logits.shape} and '
         f'{teacher_probs.shape}.')
   b = two_b // 2
-  n_local = 0 if student_local_logits is None else student_local_logits.shape[0] // b
-  if student_local_logits is not None and student_local_logits.shape != (n_local * b, k):
+  n_local = 0 if student_local_logits is None else student_local_logits.size // (b * k)
+  if student_local_logits is not None and student_local_logits.shape not in ((n_local * b, k), (n_local, b, k)):
     raise ValueError(
         f'Local logits {student_local_logits.shape} are not (n_local*B, K) with B={b}, K={k}.')
   denominator = max(2 * n_local, 1) + 2
@@ -189,18 +193,19 @@ def _l2_normalize(x, eps):
 
 
 def koleo_nearest_neighbour(x_normalized: jax.Array) -> jax.Array:
-  """(B,) int32 index of each row's nearest neighbour, exactly as Meta picks it.
+  """(..., B) int32 index of each row's nearest neighbour within its batch, exactly as Meta picks it.
 
   Meta takes the argmax of `x x^T` with the diagonal *filled with -1* (not -inf), and argmax
   returns the first index on ties. So a point whose only other points are exactly antipodal
   (dot = -1) is its own "neighbour", and then its distance is just the pairwise-distance eps.
+  (x_normalized: (..., B, D), batches along the leading axes.)
   """
-  n = x_normalized.shape[0]
+  n = x_normalized.shape[-2]
   # Full float32 matmul even where the default precision is bf16 (TPU): Meta runs KoLeo with
   # autocast off, and a rounded dot can change which neighbour wins.
-  dots = jnp.matmul(x_normalized, x_normalized.T, precision=jax.lax.Precision.HIGHEST)
+  dots = jnp.matmul(x_normalized, jnp.swapaxes(x_normalized, -1, -2), precision=jax.lax.Precision.HIGHEST)
   dots = jnp.where(jnp.eye(n, dtype=bool), -1.0, dots)
-  return jnp.argmax(dots, axis=1)
+  return jnp.argmax(dots, axis=-1)
 
 
 def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -212,26 +217,30 @@ def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
     loss  = -mean_i log(d_i + eps)
 
   The train step applies it to the student *backbone* CLS tokens (pre-head) of the masked
-  student forward, separately for each global crop, with weight 0.1:
-  `0.1 * sum_c koleo_loss(cls[c*B:(c+1)*B])`.
+  student forward, separately for each global crop (and, like Meta on each GPU, for each data
+  shard), with weight 0.1: `0.1 * sum_c koleo_loss(cls[c*B:(c+1)*B])`.
 
   Args:
-    x: (B, D) features, any float dtype.
+    x: (B, D) features, any float dtype; or (..., B, D) for independent batches side by side
+      (one `koleo_loss` per leading index; use this rather than `vmap`, see below).
     eps: Meta's eps (1e-8), used in all three places as Meta does.
 
   Returns:
-    float32 scalar.
+    float32 scalar, or (...) for batched input.
   """
-  x_hat = _l2_normalize(x.astype(_F32), eps)
+  # Meta normalises once and subtracts copies of the normalised rows, so two equal rows (or a row
+  # and itself) differ by exactly 0. Left to itself XLA fuses the normalisation into both operands
+  # of the subtraction and contracts one side into a fused multiply-add, leaving ~1 ulp (distance
+  # ~4e-8 instead of sqrt(D) * 1e-8: 3.9270 instead of Meta's 3.9360 for a duplicated row), so the
+  # normalised rows are written to memory once and both operands read the same values. (Under
+  # `vmap` that conditional would become a select, which XLA fuses again.)
+  x_hat = fusion.in_memory(_l2_normalize(x.astype(_F32), eps))
   # Meta's argmax is not differentiated; the gradient flows through the gathered neighbour.
   neighbour = jax.lax.stop_gradient(koleo_nearest_neighbour(x_hat))
-  # A point that is its own "neighbour" must get a difference of exactly 0 (torch subtracts a
-  # copy). XLA fuses the normalisation into the subtraction and may contract it into an FMA,
-  # which leaves ~1 ulp (distance ~4e-8 instead of sqrt(D)*1e-8), so say 0 explicitly.
-  is_self = (neighbour == jnp.arange(x_hat.shape[0]))[:, None]
-  diff = jnp.where(is_self, 0.0, x_hat - x_hat[neighbour]) + eps
+  x_neighbour = jnp.take_along_axis(x_hat, neighbour[..., None], axis=-2)
+  diff = x_hat - x_neighbour + eps
   distance = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
-  return -jnp.mean(jnp.log(distance + eps))
+  return -jnp.mean(jnp.log(distance + eps), axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -341,6 +341,27 @@ def test_koleo_matches_meta_random_and_zero_row():
   assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(losses.koleo_loss))(jnp.asarray(x)))))
 
 
+def test_koleo_duplicated_rows_are_exactly_zero_apart_when_jitted():
+  # Meta normalises once and subtracts copies, so equal rows (also a row and a positive multiple of
+  # it, which normalise to the same floats) are exactly eps apart. A fused, FMA-contracted
+  # subtraction inside jit used to leave ~1 ulp there (3.9270 instead of 3.9360 in one case).
+  torch = pytest.importorskip('torch')
+  F = torch.nn.functional
+  rng = np.random.default_rng(11)
+  x = _f32(rng.normal(size=(6, 16)))
+  x[3] = x[1]
+  x[5] = 2.0 * x[0]
+  xt = F.normalize(torch.tensor(x), eps=1e-8, p=2, dim=-1)
+  dots = xt @ xt.t()
+  dots.view(-1)[::7].fill_(-1)
+  nn_idx = torch.max(dots, dim=1).indices
+  assert nn_idx[1] == 3 and nn_idx[0] == 5  # the duplicates are each other's neighbours
+  d = torch.nn.PairwiseDistance(2, eps=1e-8)(xt, xt[nn_idx])
+  assert float(d[1]) == pytest.approx(4 * 1e-8, rel=1e-6)  # sqrt(16) * eps: a difference of 0
+  meta = float(-torch.log(d + 1e-8).mean())
+  np.testing.assert_allclose(float(koleo_loss(x)), meta, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Torch re-statement of Meta's loss classes: values and gradients.
 # ------------------------------------------------------------------------------------------------
