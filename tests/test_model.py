@@ -87,6 +87,21 @@ def test_batch_subset_is_drawn_per_group_like_meta_per_gpu():
   np.testing.assert_allclose(out[changed], np.asarray(x)[changed] * (1 + 2.0 * 4 / 2), rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode,rate,subset_calls", [("meta", 0.05, 2), ("meta", 0.4, 2), ("per_sample", 0.4, 0)])
+def test_meta_mode_uses_the_batch_subset_at_every_rate(monkeypatch, mode, rate, subset_calls):
+  # Meta's SSL training runs lists of crops through `forward_nested`, which drops a batch subset
+  # for ANY rate > 0 (`drop_add_residual_stochastic_depth_list`); only its single-tensor path
+  # switches to per-sample DropPath at rates <= 0.1.
+  calls = []
+  original = vit._residual_on_subset
+  monkeypatch.setattr(vit, "_residual_on_subset", lambda *a, **k: calls.append(1) or original(*a, **k))
+  block = vit.Block(TINY.replace(drop_path_mode=mode, init_values=1.0), rate, rngs=nnx.Rngs(0))
+  y = jnp.asarray(np.random.default_rng(0).normal(size=(20, 5, TINY.embed_dim)), jnp.float32)
+  out = block(y, jax.random.key(3))
+  assert len(calls) == subset_calls
+  assert not np.allclose(np.asarray(out), np.asarray(block(y)))  # stochastic depth did act
+
+
 def test_training_mode_is_stochastic_and_eval_is_not():
   model = create_backbone(TINY.replace(drop_path_rate=0.4, drop_path_uniform=True))
   x = _x(b=8)
@@ -99,16 +114,38 @@ def test_training_mode_is_stochastic_and_eval_is_not():
   assert not np.allclose(train_a, train_b) and not np.allclose(train_a, eval_a)
 
 
-def test_bfloat16_compute_keeps_float32_params():
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
   model32 = create_backbone(TINY)
   model16 = create_backbone(TINY.replace(dtype="bfloat16"))
   params = nnx.state(model16, nnx.Param)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
   out16 = model16.forward_features(_x())
   out32 = model32.forward_features(_x())
-  assert out16["x_norm_clstoken"].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out16["x_norm_patchtokens"], np.float32),
+  assert out16["x_norm_clstoken"].dtype == jnp.float32  # norms run in float32, as under autocast
+  np.testing.assert_allclose(np.asarray(out16["x_norm_patchtokens"]),
                              np.asarray(out32["x_norm_patchtokens"]), atol=0.1, rtol=0.05)
+
+
+def test_bfloat16_blocks_contribute_like_float32_at_meta_layerscale_init():
+  # Meta's training init: LayerScale 1e-5. Each block adds ~1e-5 x its branch output to a residual
+  # stream of order 1; in a bf16 stream (8 bits of mantissa) that addition would round away and
+  # every block would be an exact identity. With autocast semantics (float32 stream and
+  # LayerScale, bf16 matmul inputs) the contribution matches float32's to bf16 precision.
+  cfg = TINY.replace(init_values=1e-5, depth=4)
+  model32 = create_backbone(cfg, seed=3)
+  model16 = nnx.merge(nnx.split(create_backbone(cfg.replace(dtype="bfloat16"), seed=3))[0],
+                      nnx.state(model32))  # the same parameters
+  x = _x(b=4, seed=5)
+  contributions = []
+  for model in (model32, model16):
+    tokens = model.prepare_tokens(x)
+    after = model.forward_features(x)["x_prenorm"]
+    contributions.append(np.asarray(after, np.float64) - np.asarray(tokens, np.float64))
+  c32, c16 = contributions
+  assert np.linalg.norm(c32) > 0
+  rel = np.linalg.norm(c16 - c32) / np.linalg.norm(c32)
+  assert rel < 0.05, rel  # bf16 matmuls: ~1%; a bf16 residual stream gives ~100% (all zero)
+  np.testing.assert_array_equal(np.asarray(model16.prepare_tokens(x)).dtype, np.float32)
 
 
 def test_remat_gives_the_same_gradients():

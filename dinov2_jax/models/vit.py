@@ -23,40 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dinov2_jax.fusion import materialize_cotangent
 from dinov2_jax.models.posemb import resample_patch_pos_embed
 
 LAYER_NORM_EPS = 1e-6
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 DROP_PATH_MODES = ("meta", "per_sample")
-
-
-@jax.custom_vjp
-def materialize_cotangent(x: jax.Array) -> jax.Array:
-  """Identity whose gradient XLA must write to memory instead of fusing it into its consumers.
-
-  Why: in a pre-LayerNorm transformer the gradient of the residual stream at block l is a sum of
-  elementwise LayerNorm-backward terms of every later block. XLA:CPU treats that chain as cheap to
-  duplicate and fuses all of it into each consumer (the weight-gradient transposes of every block),
-  so the backward recomputes it O(depth^2) times: 24% of the ViT-S/14 train step's kernel time. An
-  `optimization_barrier` does not help on CPU (its compiler expands barriers before fusion); a
-  conditional does, because its operand must exist in memory. The branch taken is always the
-  identity; only the fusion, and so the float rounding, changes. (x: any shape and dtype; returns x.)
-  """
-  return x
-
-
-def _materialize_fwd(x):
-  return x, None
-
-
-def _materialize_bwd(_, g):
-  # The predicate is true for every float, NaN included, but the compiler cannot prove it; the
-  # branches must differ, or XLA merges them and drops the conditional.
-  always = jnp.logical_not(g.reshape(-1)[0] < -jnp.inf)
-  return (jax.lax.cond(always, lambda t: t, jnp.zeros_like, g),)
-
-
-materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +48,15 @@ class ViTConfig:
     num_register_tokens: number of register tokens.
     interpolate_antialias: antialiased bicubic resampling of the positional embedding.
     interpolate_offset: Meta's 0.1 offset in the resampling scale factor; 0 resamples by size.
-    dtype: compute dtype ("float32" or "bfloat16"); parameters stay in `param_dtype`.
+    dtype: compute dtype of the matmuls ("float32" or "bfloat16"), with Meta's autocast semantics:
+      matmul and convolution inputs (and GELU) in this dtype; the residual stream, LayerScale,
+      LayerNorms, the attention softmax and all outputs stay float32. Parameters stay in
+      `param_dtype`.
     param_dtype: parameter dtype.
-    drop_path_mode: "meta" (Meta's behaviour: for rates > 0.1 the residual is computed for a random
-      subset of the batch and rescaled, otherwise per-sample drop path) or "per_sample" (always
-      per-sample drop path).
+    drop_path_mode: "meta" (Meta's SSL training path, `forward_features_list` -> `forward_nested`:
+      for any rate > 0 the residual is computed for a random subset of the batch and rescaled) or
+      "per_sample" (per-sample drop path, timm's DropPath). Meta's single-tensor `forward` uses the
+      subset only above 0.1 and per-sample drop path below; its training never takes that path.
     drop_path_groups: for Meta's batch-subset drop path, draw the subset separately in this many
       equal groups of the batch (Meta draws it per GPU); the trainer sets it to the number of data
       shards so each device keeps working on its own samples.
@@ -182,8 +158,9 @@ def _dense(rngs, cfg: ViTConfig, d_in: int, d_out: int, bias: bool) -> nnx.Linea
 
 
 def _layer_norm(rngs, cfg: ViTConfig, dim: int) -> nnx.LayerNorm:
+  # float32 whatever the compute dtype: autocast runs layer_norm in float32 (and so its output).
   return nnx.LayerNorm(
-      dim, epsilon=LAYER_NORM_EPS, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      dim, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
       use_fast_variance=False, rngs=rngs)
 
 
@@ -211,12 +188,14 @@ class PatchEmbed(nnx.Module):
 
 
 class LayerScale(nnx.Module):
+  """x * gamma in float32: with Meta's init (1e-5) a bf16 product added to a bf16 residual stream
+  would be below its resolution and every block an exact identity."""
 
   def __init__(self, dim: int, init_values: float, param_dtype):
     self.gamma = nnx.Param(jnp.full((dim,), init_values, param_dtype))
 
   def __call__(self, x):
-    return x * self.gamma[...].astype(x.dtype)
+    return x.astype(jnp.float32) * self.gamma[...].astype(jnp.float32)
 
 
 class Attention(nnx.Module):
@@ -315,18 +294,20 @@ class Block(nnx.Module):
     else:
       self.ls1 = self.ls2 = _identity
 
+  # The residual stream x is float32; the branches compute their matmuls in the compute dtype and
+  # return float32 (LayerScale, or the cast below without it), so the additions are float32.
   def _attn_residual(self, x):
-    return self.ls1(self.attn(self.norm1(x)))
+    return self.ls1(self.attn(self.norm1(x))).astype(x.dtype)
 
   def _ffn_residual(self, x):
-    return self.ls2(self.mlp(self.norm2(x)))
+    return self.ls2(self.mlp(self.norm2(x))).astype(x.dtype)
 
   def __call__(self, x: jax.Array, drop_path_key: jax.Array | None = None) -> jax.Array:
     if drop_path_key is None or self.drop_rate <= 0.0:
       x = x + self._attn_residual(x)
       return x + self._ffn_residual(x)
     key_attn, key_ffn = jax.random.split(drop_path_key)
-    if self.drop_path_mode == "meta" and self.drop_rate > 0.1:
+    if self.drop_path_mode == "meta":
       x = _residual_on_subset(x, self._attn_residual, self.drop_rate, key_attn, self.drop_path_groups)
       return _residual_on_subset(x, self._ffn_residual, self.drop_rate, key_ffn, self.drop_path_groups)
     x = x + _drop_path(self._attn_residual(x), self.drop_rate, key_attn)
@@ -383,7 +364,8 @@ class DinoVisionTransformer(nnx.Module):
     """(B,H,W,C) images [+ (B,h*w) bool masks] -> (B, 1+R+h*w, D) tokens, in Meta's order."""
     check_image_shape(images.shape, self.cfg.patch_size, self.cfg.in_chans)
     b, h, w = images.shape[0], images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size
-    x = self.patch_embed(images.astype(jnp.dtype(self.cfg.dtype)))
+    # The convolution runs in the compute dtype; the residual stream starts in float32.
+    x = self.patch_embed(images.astype(jnp.dtype(self.cfg.dtype))).astype(jnp.float32)
     if masks is not None:
       if masks.shape != (b, h * w):
         raise ValueError(f"masks must have shape (batch, patches) = {(b, h * w)}, got {masks.shape}")
@@ -422,7 +404,8 @@ class DinoVisionTransformer(nnx.Module):
 
     Returns:
       dict with `x_norm_clstoken` (B, D), `x_norm_regtokens` (B, R, D), `x_norm_patchtokens`
-      (B, h*w, D), `x_prenorm` (B, 1+R+h*w, D) and `masks` (as given), in the compute dtype.
+      (B, h*w, D), `x_prenorm` (B, 1+R+h*w, D) and `masks` (as given); float32 in every compute
+      dtype (the residual stream and the norms are float32).
     """
     x = self.prepare_tokens(images, masks)
     x, _ = self._run_blocks(x, drop_path_key)
@@ -450,7 +433,7 @@ class DinoVisionTransformer(nnx.Module):
       n: how many of the last blocks' CLS tokens to return, 0 <= n <= depth.
 
     Returns:
-      dict, in the compute dtype, with `forward_features`' `x_norm_clstoken` (B, D),
+      dict, float32, with `forward_features`' `x_norm_clstoken` (B, D),
       `x_norm_regtokens` (B, R, D), `x_norm_patchtokens` (B, h*w, D) and `x_prenorm`
       (B, 1+R+h*w, D), and `x_norm_clstoken_blocks` (B, n, D): block depth-n+j's output through the
       final LayerNorm, CLS token, at [:, j]; equal to `get_intermediate_layers(images, n,
