@@ -20,11 +20,15 @@ Here the rules are functions of our '/'-joined parameter paths, which mirror Met
 `last_layer/g` <-> `last_layer.weight_g`), so the substring tests give the same answers. The
 optimiser is an optax chain:
 
-  frozen -> 0,  per-submodule clip,  per-group [scale_by_adam, + wd * p, * -lr],
+  frozen -> 0,  per-submodule clip,  per submodule [scale_by_adam, + wd * wd_mult * p, * -lr * lr_mult],
 
 wrapped in `optax.inject_hyperparams`, so that one step counter drives all schedules (the first
 update reads step 0, as Meta's iteration 0) and the values used at the last step are in
-`opt_state.hyperparams` for logging.
+`opt_state.hyperparams` for logging. The `optax.multi_transform` labels are the submodules
+("backbone", "dino_head", "ibot_head") and "frozen"; each parameter's multipliers are data looked up
+by its name, not part of its label. So the optimizer state has the same structure whatever the
+recipe (a checkpoint restores after a change of `layerwise_decay`), and the compiled step carries
+one Adam chain per submodule, not one per distinct (lr, wd) pair.
 """
 
 from __future__ import annotations
@@ -210,11 +214,6 @@ def param_groups(
   return groups
 
 
-def group_label(group: ParamGroup) -> str:
-  """A string label (an optax.multi_transform key) for a group; `repr` keeps floats exact."""
-  return f"lr_mult={group.lr_mult!r},wd_mult={group.wd_mult!r},last_layer={group.is_last_layer}"
-
-
 def _frozen_predicate(frozen) -> Callable[[str], bool]:
   if frozen is None:
     return lambda name: False
@@ -224,22 +223,18 @@ def _frozen_predicate(frozen) -> Callable[[str], bool]:
   return frozen
 
 
-def param_labels(
-    student_params, *, layerwise_decay: float = LAYERWISE_DECAY,
-    patch_embed_lr_mult: float = PATCH_EMBED_LR_MULT, frozen=None):
-  """Tree like `student_params` with a `group_label` string (or `FROZEN`) at every leaf.
+def param_labels(student_params, *, frozen=None):
+  """Tree like `student_params` with its submodule's name ("backbone", ...) or `FROZEN` at every leaf.
 
   Args:
     student_params: student parameter tree (pure dict or `nnx.State`), or one of gradients.
     frozen: None, a regex fully matching frozen full names (e.g. "backbone/.*"), or a predicate.
   """
-  groups = param_groups(student_params, layerwise_decay=layerwise_decay,
-                        patch_embed_lr_mult=patch_embed_lr_mult)
   is_frozen = _frozen_predicate(frozen)
 
   def label(path, _):
     name = path_name(path)
-    return FROZEN if is_frozen(name) else group_label(groups[name])
+    return FROZEN if is_frozen(name) else _split_submodule(name)[0]
 
   return jax.tree_util.tree_map_with_path(label, student_params)
 
@@ -289,13 +284,54 @@ def clip_by_submodule_norm(max_norm: float) -> optax.GradientTransformation:
 # The optimiser.
 
 
-def _group_adamw(group: ParamGroup, lr, wd, last_layer_lr, b1, b2, eps) -> optax.GradientTransformation:
-  """torch.optim.AdamW for one group: p <- p - lr*wd*p - lr * mhat / (sqrt(vhat) + eps)."""
-  base_lr = last_layer_lr if group.is_last_layer else lr
-  decay = optax.add_decayed_weights(wd * group.wd_mult) if group.wd_mult else optax.identity()
-  # Decoupled decay is added before the -lr scaling, so it is multiplied by lr like in torch: a
-  # lr of exactly 0 (the frozen last layer) leaves the parameter bit-for-bit unchanged.
-  return optax.chain(optax.scale_by_adam(b1, b2, eps), decay, optax.scale(-base_lr * group.lr_mult))
+def _scale_by_param_groups(groups: dict[str, ParamGroup], lr, wd, last_layer_lr) -> optax.GradientTransformation:
+  """torch.optim.AdamW's step after the moments, per parameter: u <- -lr_p * (u + wd_p * p).
+
+  lr_p = (last_layer_lr if the parameter is a last layer else lr) * its lr multiplier, and wd_p = wd
+  * its wd multiplier, looked up by the parameter's full name in `groups`. Decoupled decay is added
+  before the -lr scaling, so it is multiplied by lr like in torch: a lr of exactly 0 (the frozen last
+  layer) leaves the parameter bit-for-bit unchanged.
+  """
+
+  def update_fn(updates, state, params):
+    def scale(path, u, p):
+      group = groups[path_name(path)]
+      if group.wd_mult:
+        u = u + (wd * group.wd_mult) * p
+      return u * (-(last_layer_lr if group.is_last_layer else lr) * group.lr_mult)
+
+    # Leaves of other submodules are `optax.MaskedNode`s here (multi_transform), which have no leaves.
+    return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class HoldState(NamedTuple):
+  """`hold_for_steps` state: its own step counter and the held transformation's state."""
+
+  count: jax.Array
+  inner: optax.OptState
+
+
+def hold_for_steps(inner: optax.GradientTransformation, n_steps: int) -> optax.GradientTransformation:
+  """`inner`, except that for its first `n_steps` updates it outputs zeros and keeps its state.
+
+  Freezing a submodule for the first steps this way leaves its optimizer state exactly as at
+  initialisation (no Adam moments or step count accumulate on frozen steps), so at step `n_steps`
+  it starts as if training began there.
+  """
+
+  def init_fn(params):
+    return HoldState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    hold = state.count < n_steps
+    new_updates = jax.tree.map(lambda u: jnp.where(hold, jnp.zeros_like(u), u), new_updates)
+    new_inner = jax.tree.map(lambda old, new: jnp.where(hold, old, new), state.inner, new_inner)
+    return new_updates, HoldState(optax.safe_int32_increment(state.count), new_inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def build_optimizer(
@@ -311,6 +347,7 @@ def build_optimizer(
     b2: float = ADAMW_B2,
     eps: float = ADAMW_EPS,
     frozen: str | Callable[[str], bool] | None = None,
+    frozen_steps: dict[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Meta's DINOv2 optimiser as an optax transformation.
 
@@ -328,6 +365,9 @@ def build_optimizer(
     frozen: parameters that are not trained (Meta's `requires_grad=False`): None, a regex fully
       matching full names (e.g. "backbone/.*"), or a predicate on the full name. Their updates are
       zero, they keep no Adam state and their gradients do not count in the clipping norm.
+    frozen_steps: {submodule: n}: that submodule gets no update during the first n updates and its
+      optimizer state stays untouched meanwhile (`hold_for_steps`), e.g. {"backbone": 1000} to
+      train only fresh heads on top of loaded weights first.
 
   Returns:
     A transformation whose `update(grads, state, params)` returns updates to add to `params`
@@ -338,23 +378,28 @@ def build_optimizer(
   """
   if last_layer_learning_rate is None:
     last_layer_learning_rate = learning_rate
-  rules = dict(layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
-  groups = set(param_groups(params, **rules).values())
-  labels = lambda tree: param_labels(tree, frozen=frozen, **rules)
+  groups = param_groups(params, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
+  submodules = sorted({_split_submodule(name)[0] for name in groups})
+  frozen_steps = dict(frozen_steps or {})
+  unknown = set(frozen_steps) - set(submodules)
+  if unknown:
+    raise ValueError(f"frozen_steps names {sorted(unknown)}; the submodules are {submodules}")
+  labels = lambda tree: param_labels(tree, frozen=frozen)
   is_frozen = lambda tree: jax.tree.map(lambda label: label == FROZEN, labels(tree))
 
   def make(learning_rate, weight_decay, last_layer_learning_rate):
-    per_group = {
-        group_label(g): _group_adamw(g, learning_rate, weight_decay, last_layer_learning_rate,
-                                     b1, b2, eps)
-        for g in groups
-    }
-    per_group[FROZEN] = optax.set_to_zero()
+    per_submodule = {}
+    for module in submodules:
+      adamw = optax.chain(optax.scale_by_adam(b1, b2, eps),
+                          _scale_by_param_groups(groups, learning_rate, weight_decay, last_layer_learning_rate))
+      n_hold = frozen_steps.get(module, 0)
+      per_submodule[module] = hold_for_steps(adamw, n_hold) if n_hold else adamw
+    per_submodule[FROZEN] = optax.set_to_zero()
     return optax.chain(
         # Zero frozen gradients first so that they do not count in the clipping norms.
         optax.masked(optax.set_to_zero(), is_frozen),
         clip_by_submodule_norm(clip_grad) if clip_grad else optax.identity(),
-        optax.multi_transform(per_group, labels),
+        optax.multi_transform(per_submodule, labels),
     )
 
   # float32 hyperparameters even for low-precision params: a bf16 lr would be off by up to 0.4%.
