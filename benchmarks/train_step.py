@@ -121,7 +121,7 @@ def build_jax_step(args, tuning: set[str]) -> types.SimpleNamespace:
   arch = train_state.make_arch(config)
   t0 = time.perf_counter()
   student = train_state.init_student_params(config, 0)
-  tx = train_step.build_optimizer_for(arch, student, config)
+  tx = train_step.build_optimizer_for(student, config)
   state = train_state.init_train_state(student, tx, config, 0)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
@@ -238,20 +238,16 @@ def memory_child(args):
   # As train/trainer.py: Meta's batch-subset drop path draws its subset per data shard (all devices).
   arch = train_state.make_arch(c, drop_path_groups=n_dev)
   student = train_state.abstract_student(c)
-  tx = train_step.build_optimizer_for(arch, student, c)
+  tx = train_step.build_optimizer_for(student, c)
   state = jax.eval_shape(lambda s: train_state.init_train_state(s, tx, c, 0), student)
   mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)))
   state_sh = sharding.tree_shardings(state, mesh, rules=((".*", "fsdp"),))
   n_tokens = (224 // 14) ** 2
-  # Meta's static upper bound on the masked tokens, padded further to a multiple of the device count
-  # so that the token list can be split over the devices like the batch (padding entries have
-  # weight 0 / valid False, so the step ignores them). A replicated token list makes every device
-  # run the iBOT heads on ALL masked tokens of the global batch.
-  upper = masking.mask_upperbound(2 * batch, n_tokens)
-  if args.shard_mask_list:
-    upper = -(-upper // n_dev) * n_dev
+  # Per data shard (one per device), Meta's static upper bound on one GPU's masked tokens; the
+  # step gathers them within each shard (dinov2_jax/data/layout.py).
+  upper = n_dev * masking.mask_upperbound(2 * args.per_device, n_tokens)
   bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  mask_sh = bsh if args.shard_mask_list else rep
+  mask_sh = bsh
   sds = jax.ShapeDtypeStruct
   batch_abs = dict(
       global_crops=sds((2 * batch, 224, 224, 3), jnp.float32, sharding=bsh),
@@ -264,7 +260,7 @@ def memory_child(args):
   tables_abs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in tables.items()}
   state_abs = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), state, state_sh)
 
-  step = jax.jit(train_step.make_train_step(arch, tx), donate_argnums=0, out_shardings=(state_sh, rep))
+  step = jax.jit(train_step.make_train_step(arch, tx, n_dev), donate_argnums=0, out_shardings=(state_sh, rep))
   print(f"lowering {args.memory_model} on {n_dev} devices ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   lowered = step.lower(state_abs, batch_abs, tables_abs)
@@ -283,7 +279,6 @@ def memory_child(args):
   parts = {k: getattr(state, k) for k in ("student", "teacher", "opt_state")}
   out = dict(
       model=args.memory_model, remat=args.remat, drop_path_mode=args.drop_path_mode,
-      mask_list="sharded" if args.shard_mask_list else "replicated",
       devices=n_dev, mesh=dict(data=n_dev // fsdp, fsdp=fsdp), global_batch=batch, per_device=args.per_device,
       mask_upperbound=upper, lower_s=lower_s, compile_s=compile_s,
       n_student_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.student))),
@@ -301,8 +296,7 @@ def memory(args):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--per-device", str(args.per_device),
          "--fsdp", str(args.fsdp), "--memory-model", args.memory_model, "--drop-path-mode", args.drop_path_mode,
-         "--remat" if args.remat else "--no-remat",
-         "--shard-mask-list" if args.shard_mask_list else "--replicate-mask-list"]
+         "--remat" if args.remat else "--no-remat"]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   wall = time.perf_counter() - t0
@@ -324,7 +318,7 @@ def print_memory(m):
       + ma["temp_size_in_bytes"]
   print(f"\n{m['model']} step memory per device: {m['devices']} fake CPU devices, mesh data={m['mesh']['data']} x "
         f"fsdp={m['mesh']['fsdp']}, global batch {m['global_batch']} ({m['per_device']} per device), "
-        f"masked-token list of {m['mask_upperbound']} ({m['mask_list']}), drop path 0.4 mode "
+        f"masked-token list of {m['mask_upperbound']} (per data shard), drop path 0.4 mode "
         f"{m['drop_path_mode']}, remat {m['remat']}; lower {m['lower_s']:.0f} s, compile {m['compile_s']:.0f} s")
   print(f"student parameters: {m['n_student_params'] / 1e9:.3f} B")
   print()
@@ -363,10 +357,6 @@ def main():
                       help="--memory: stochastic depth 0.4 as Meta (batch subset) or per sample")
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                       help="--memory: recompute each block in the backward pass (default on)")
-  parser.add_argument("--replicate-mask-list", dest="shard_mask_list", action="store_false",
-                      help="--memory: replicate the masked-token list instead of splitting it over the devices")
-  parser.add_argument("--shard-mask-list", dest="shard_mask_list", action="store_true", default=True,
-                      help=argparse.SUPPRESS)
   parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.memory_child:

@@ -49,30 +49,31 @@ def demo_knn_accuracy(backbone, config) -> dict:
 
 def run(config, workdir: str) -> dict:
   from dinov2_jax.train import trainer
-  from dinov2_jax.train.state import make_arch
 
   trainer.validate_config(config)
-  before, student = None, None
-  if config.knn_eval.enabled:
-    # The teacher at step 0 equals the student's initialisation (seeded, or loaded weights).
-    from flax import nnx
+  knn = {}
 
-    from dinov2_jax import api
-    from dinov2_jax.train.state import abstract_student
-    student = trainer.initial_student(config, abstract_student(config))
-    before = demo_knn_accuracy(api.Backbone(nnx.merge(make_arch(config).backbone, student["backbone"])), config)
-    print(f"k-NN (k={before['k']}) top-1 of the initial teacher on the demo test split: {before['top1']:.1f}%",
-          flush=True)
-  result = trainer.train(config, workdir, student=student)  # the same initialisation, not built twice
+  def knn_before(teacher):
+    # The teacher at step 0 equals the student's initialisation (seeded, or loaded weights).
+    knn["before"] = demo_knn_accuracy(teacher, config)
+    _print(f"k-NN (k={knn['before']['k']}) top-1 of the initial teacher on the demo test split: "
+           f"{knn['before']['top1']:.1f}%")
+
+  result = trainer.train(config, workdir, on_start=knn_before if config.knn_eval.enabled else None)
   if config.knn_eval.enabled and result["step"] == trainer.total_steps(config):
     after = demo_knn_accuracy(trainer.teacher_backbone(result["state"], result["arch"]), config)
-    print(f"k-NN (k={after['k']}) top-1 of the trained teacher on the demo test split: {after['top1']:.1f}%",
-          flush=True)
+    _print(f"k-NN (k={after['k']}) top-1 of the trained teacher on the demo test split: {after['top1']:.1f}%")
+    before = knn.get("before")
     if before is not None:
-      print(f"k-NN top-1: {before['top1']:.1f}% before training -> {after['top1']:.1f}% after "
-            f"({after['top1'] - before['top1']:+.1f} points, {after['num_test']} held-out images)", flush=True)
+      _print(f"k-NN top-1: {before['top1']:.1f}% before training -> {after['top1']:.1f}% after "
+             f"({after['top1'] - before['top1']:+.1f} points, {after['num_test']} held-out images)")
     result["knn"] = {"before": before, "after": after}
   return result
+
+
+def _print(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def main(argv) -> None:

@@ -72,9 +72,10 @@ def test_collate_is_crop_major():
   np.testing.assert_array_equal(out["global_crops"][:, 0, 0, 0], want_g)
   np.testing.assert_array_equal(out["local_crops"][:, 0, 0, 0], want_l)
   np.testing.assert_array_equal(out["label"], [0, 1, 2])
-  # The same layout from a grain-style image-major (B, K, ...) batch.
+  # The same layout from an image-major (B, K, ...) batch.
+  from dinov2_jax.data.layout import image_major_to_crop_major
   stacked = np.stack([s["local_crops"] for s in samples])
-  np.testing.assert_array_equal(A.crop_major(stacked), out["local_crops"])
+  np.testing.assert_array_equal(image_major_to_crop_major(stacked), out["local_crops"])
   normed = A.collate_crops(samples)
   np.testing.assert_allclose(normed["global_crops"], A.imagenet_normalize(out["global_crops"]))
 

@@ -319,28 +319,45 @@ def test_output_does_not_depend_on_worker_count(demo_source):
   _assert_batches_equal(_take(_iterator(demo_source), 4), with_workers)
 
 
-def test_hosts_load_disjoint_slices_that_make_up_the_single_host_batch():
+def test_batches_depend_on_the_shards_not_on_the_hosts():
+  # 4 data shards of 2 images: 1 host holding all 4, or 2 hosts holding 2 each, or one host asking
+  # for an arbitrary subset, see exactly the same rows for every shard (crops and masks).
   source = _IndexedSource(40)
-  single = _take(_iterator(source, global_batch_size=8), 3)
-  hosts = [_take(_iterator(source, global_batch_size=8, process_index=p, process_count=2), 3)
+  single = _take(_iterator(source, global_batch_size=8, num_shards=4, shards=[0, 1, 2, 3]), 3)
+  hosts = [_take(_iterator(source, global_batch_size=8, num_shards=4, process_index=p, process_count=2), 3)
            for p in range(2)]
+  odd = _take(_iterator(source, global_batch_size=8, num_shards=4, shards=[3, 1]), 3)
+  per_shard = {"global_crops": 4, "local_crops": 2 * CROPS.n_local, "masks": 4,
+               "mask_indices": masking.mask_upperbound(4, GRID_TOKENS), "labels": 2}
+  per_shard["mask_weights"] = per_shard["mask_valid"] = per_shard["mask_indices"]
+
+  def shard(batch, i, key):  # rows of the i-th shard the batch holds
+    n = per_shard[key]
+    return batch[key][i * n:(i + 1) * n]
+
+  stream = grain.MapDataset.source(source).seed(0).shuffle().repeat()
   for step in range(3):
-    h0, h1 = hosts[0][step], hosts[1][step]
-    assert h0["global_crops"].shape == (8, 28, 28, 3)  # 2b rows, b = 4
-    # Host p holds rows [p b, (p + 1) b) of the global batch: disjoint examples, same crops.
-    np.testing.assert_array_equal(single[step]["labels"], np.concatenate([h0["labels"], h1["labels"]]))
-    assert not set(h0["labels"]) & set(h1["labels"])
-    for key, n_crops in (("global_crops", 2), ("local_crops", CROPS.n_local)):
-      stacked = np.concatenate([h0[key], h1[key]])  # what make_array_from_process_local_data gives
-      np.testing.assert_array_equal(P.host_major_to_crop_major(stacked, 2, n_crops), single[step][key])
-    # Masks are per host: M for 2b crops, drawn from each host's own stream.
-    assert h0["mask_indices"].shape == (masking.mask_upperbound(8, GRID_TOKENS),)
-    assert not np.array_equal(h0["masks"], h1["masks"])
+    assert hosts[0][step]["global_crops"].shape == (8, 28, 28, 3)  # 2 shards x 2 crops x 2 images
+    for key in per_shard:
+      np.testing.assert_array_equal(single[step][key], np.concatenate([hosts[0][step][key], hosts[1][step][key]]))
+      np.testing.assert_array_equal(shard(odd[step], 0, key), shard(single[step], 3, key))
+      np.testing.assert_array_equal(shard(odd[step], 1, key), shard(single[step], 1, key))
+    # Shard s of step k holds the stream's examples [8 k + 2 s, 8 k + 2 s + 2).
+    np.testing.assert_array_equal(single[step]["labels"], [stream[8 * step + j]["label"] for j in range(8)])
+    # Each shard is crop-major (Meta's per-GPU collate) and has its own masks (Meta's per-GPU draw).
+    for s in range(4):
+      masks = shard(single[step], s, "masks")
+      assert 0 < (masks.sum(1) > 0).sum() <= 2  # int(4 * 0.5) masked crops per shard
+      n = int(masks.sum())
+      np.testing.assert_array_equal(shard(single[step], s, "mask_indices")[:n], np.flatnonzero(masks))
+    assert not np.array_equal(shard(single[step], 0, "masks"), shard(single[step], 1, "masks"))
 
 
 def test_host_slicing_errors(demo_source):
-  with pytest.raises(ValueError, match="multiple of process_count=2"):
+  with pytest.raises(ValueError, match="global_batch_size=5 must be a positive multiple of the 2 data shards"):
     _iterator(demo_source, global_batch_size=5, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r"shards=\[4\] must be a non-empty list of indices in \[0, 4\)"):
+    _iterator(demo_source, num_shards=4, shards=[4])
   with pytest.raises(ValueError, match="process_index=2"):
     _iterator(demo_source, process_index=2, process_count=2)
 
@@ -353,7 +370,7 @@ def test_restored_state_continues_exactly_where_the_run_was(demo_source, caplog)
   run = _iterator(demo_source, prefetch_batches=2)  # prefetching must not leak into the state
   _take(run, 3)
   state = json.loads(json.dumps(run.get_state()))
-  assert state == {"step": 3, "seed": 0, "global_batch_size": 4}
+  assert state == {"step": 3, "seed": 0, "global_batch_size": 4, "num_shards": 1}
   expected = _take(run, 3)
 
   fresh = _iterator(demo_source)
@@ -406,7 +423,7 @@ def test_iterator_from_config(demo_source):
   assert batch["global_crops"].shape == (12, 28, 28, 3)
   assert batch["local_crops"].shape == (18, 14, 14, 3)
   assert batch["masks"].shape == (12, GRID_TOKENS)
-  assert it.get_state() == {"step": 6, "seed": 3, "global_batch_size": 6}
+  assert it.get_state() == {"step": 6, "seed": 3, "global_batch_size": 6, "num_shards": 1}
   multicrop = P.multicrop_from_config(config, 7)
   assert multicrop == augment.MultiCropConfig(global_size=28, local_size=14, n_local=3,
                                               patch_size=7, blur_mode="meta")

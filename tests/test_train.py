@@ -11,7 +11,7 @@ import pytest
 from dinov2_jax import masking
 from dinov2_jax.train import sharding, trainer
 from dinov2_jax.train.default_config import get_default_config
-from dinov2_jax.train.state import init_student_params, init_train_state, make_arch
+from dinov2_jax.train.state import abstract_student, init_student_params, init_train_state, make_arch
 from dinov2_jax.train.step import build_optimizer_for, make_train_step
 
 
@@ -32,9 +32,10 @@ def tiny_config():
   return c
 
 
-def make_batch(c, step):
-  rng = np.random.default_rng((c.seed, step))
-  b, g = c.batch_size, c.crops.global_crops_size // c.student.patch_size
+def make_shard_batch(c, step, shard, n_shards):
+  """Shard `shard` of the global batch of `step` (dinov2_jax/data/layout.py): a function of the three."""
+  rng = np.random.default_rng((c.seed, step, shard, n_shards))
+  b, g = c.batch_size // n_shards, c.crops.global_crops_size // c.student.patch_size
   masks = masking.sample_batch_masks(rng, 2 * b, (g, g), max_num_patches=masking.meta_max_num_patches(
       c.crops.global_crops_size, c.student.patch_size))
   return {
@@ -45,14 +46,20 @@ def make_batch(c, step):
   }
 
 
-class ArrayIterator:
-  """Deterministic stand-in for the grain pipeline: batch k depends only on (seed, k)."""
+def make_batch(c, step, n_shards=1, shards=None):
+  """The rows of `shards` (default: all) of the global batch of `step`, shard after shard."""
+  parts = [make_shard_batch(c, step, s, n_shards) for s in (range(n_shards) if shards is None else shards)]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def __init__(self, config, patch_size, start_step=0):
-    self.config, self.step = config, start_step
+
+class ArrayIterator:
+  """Deterministic stand-in for the grain pipeline: batch k depends only on (seed, k) and the shards."""
+
+  def __init__(self, config, patch_size, start_step=0, num_shards=1, shards=(0,)):
+    self.config, self.step, self.num_shards, self.shards = config, start_step, num_shards, shards
 
   def __next__(self):
-    batch = make_batch(self.config, self.step)
+    batch = make_batch(self.config, self.step, self.num_shards, self.shards)
     self.step += 1
     return batch
 
@@ -63,20 +70,20 @@ class ArrayIterator:
     self.step = state["step"]
 
 
-def _run_steps(c, mesh, n_steps):
-  arch = make_arch(c)
+def _run_steps(c, mesh, n_steps, n_shards):
+  arch = make_arch(c, drop_path_groups=n_shards)
   student = init_student_params(c, 0)
-  tx = build_optimizer_for(arch, student, c)
+  tx = build_optimizer_for(student, c)
   abstract = jax.eval_shape(lambda: init_train_state(student, tx, c, 0))
   state_sh = sharding.tree_shardings(abstract, mesh, c.sharding_rules, min_size=256)
   state = jax.jit(lambda s: init_train_state(s, tx, c, 0), out_shardings=state_sh)(student)
   batch_sh = sharding.batch_sharding(mesh)
   tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
-  step = jax.jit(make_train_step(arch, tx), in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+  step = jax.jit(make_train_step(arch, tx, n_shards), in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   history = []
   for i in range(n_steps):
-    batch = trainer._pad_mask_arrays(make_batch(c, i), mesh.devices.size)
+    batch = make_batch(c, i, n_shards)
     state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()}, tables)
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history, state_sh
@@ -88,9 +95,11 @@ def test_one_device_and_4x2_mesh_agree():
   # No stochastic depth here: with it, the tiny random model's CLS tokens are so alike that KoLeo's
   # nearest-neighbour argmax can flip on float rounding (a discontinuity, not a sharding error).
   c.student.drop_path_rate = 0.0
-  single, hist1, _ = _run_steps(c, sharding.make_mesh((("data", 1), ("fsdp", 1)), jax.devices()[:1]), 3)
+  c.batch_size = 16  # 2 images per shard
+  # The same 8-shard batch layout (per-shard masks and KoLeo) on one device and on 8.
+  single, hist1, _ = _run_steps(c, sharding.make_mesh((("data", 1), ("fsdp", 1)), jax.devices()[:1]), 3, 8)
   c.mesh = (("data", 4), ("fsdp", 2))
-  multi, hist8, shardings = _run_steps(c, sharding.make_mesh(c.mesh), 3)
+  multi, hist8, shardings = _run_steps(c, sharding.make_mesh(c.mesh), 3, 8)
   # FSDP really shards something (the qkv kernel's output features over the fsdp axis).
   spec = shardings.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"].spec
   assert "fsdp" in tuple(spec)
@@ -101,12 +110,35 @@ def test_one_device_and_4x2_mesh_agree():
       np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+def test_koleo_is_per_data_shard_like_meta_per_gpu_or_global_by_switch():
+  # Meta computes KoLeo on each GPU's local batch and the gradient all-reduce averages the GPUs'
+  # losses: 0.1 * mean_s sum_c KoLeo(crop c of shard s). The rows are shard-major, crop-major
+  # within a shard (dinov2_jax/data/layout.py).
+  from dinov2_jax.train.step import _koleo
+  from tests.test_losses import meta_koleo
+  n_shards, b, d = 4, 3, 8
+  cls = np.random.default_rng(0).normal(size=(n_shards, 2, b, d)).astype(np.float32)
+  rows = cls.reshape(-1, d)
+  per_gpu = np.mean([sum(meta_koleo(cls[s, c]) for c in range(2)) for s in range(n_shards)])
+  np.testing.assert_allclose(float(jax.jit(_koleo, static_argnums=(1, 2))(rows, n_shards, True)), per_gpu, rtol=1e-5)
+  whole = sum(meta_koleo(cls[:, c].reshape(-1, d)) for c in range(2))
+  np.testing.assert_allclose(float(jax.jit(_koleo, static_argnums=(1, 2))(rows, n_shards, False)), whole, rtol=1e-5)
+  assert abs(per_gpu - whole) > 0.1  # the two scopes really differ
+  c = tiny_config()
+  assert make_arch(c).koleo_per_shard and c.dino.koleo_scope == "shard"
+  c.dino.koleo_scope = "global"
+  assert not make_arch(c).koleo_per_shard
+  c.dino.koleo_scope = "gpu"
+  with pytest.raises(ValueError, match="config.dino.koleo_scope='gpu'"):
+    make_arch(c)
+
+
 def test_step_changes_student_and_teacher_by_ema():
   c = tiny_config()
   c.optim.update(warmup_epochs=0.25, freeze_last_layer_epochs=0.5)  # lr 0 at step 0 (Meta), last layer frozen 2 steps
   arch = make_arch(c)
   student = init_student_params(c, 0)
-  tx = build_optimizer_for(arch, student, c)
+  tx = build_optimizer_for(student, c)
   state = init_train_state(student, tx, c, 0)
   tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
   step = jax.jit(make_train_step(arch, tx))
@@ -214,43 +246,74 @@ def _save_tiny_weights(c, tmp_path, with_heads):
   return path, {k: nnx.to_pure_dict(nnx.state(m, nnx.Param)) for k, m in modules.items()}
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest.py")
 @pytest.mark.parametrize("kind", ["hub", "teacher_checkpoint"])
-def test_initialisation_from_meta_weights(tmp_path, kind):
+def test_initial_state_from_meta_weights_is_born_sharded(tmp_path, kind):
   c = tiny_config()
+  c.mesh = (("data", 2), ("fsdp", 4))
   path, saved = _save_tiny_weights(c, tmp_path, with_heads=kind == "teacher_checkpoint")
   c.init.update(kind=kind, path=path)
-  student = trainer.initial_student(c, jax.eval_shape(lambda: init_student_params(c, 0)))
+  tx = build_optimizer_for(abstract_student(c), c)
+  abstract = jax.eval_shape(lambda: init_train_state(init_student_params(c, 0), tx, c, 0))
+  shardings = sharding.tree_shardings(abstract, sharding.make_mesh(c.mesh), c.sharding_rules, min_size=256)
+  state = trainer.initial_state(c, tx, shardings)
+  qkv = state.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding == shardings.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert "fsdp" in tuple(qkv.sharding.spec) and len(qkv.addressable_shards) == 8
   fresh = init_student_params(c, c.seed)
-  for a, b in zip(jax.tree.leaves(student["backbone"]), jax.tree.leaves(saved["backbone"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  heads_from = saved if kind == "teacher_checkpoint" else fresh  # hub: heads keep the fresh init
-  for a, b in zip(jax.tree.leaves(student["dino_head"]), jax.tree.leaves(heads_from["dino_head"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for tree in (state.student, state.teacher):
+    for a, b in zip(jax.tree.leaves(tree["backbone"]), jax.tree.leaves(saved["backbone"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    heads_from = saved if kind == "teacher_checkpoint" else fresh  # hub: heads keep the fresh init
+    for a, b in zip(jax.tree.leaves(tree["dino_head"]), jax.tree.leaves(heads_from["dino_head"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # A mismatched architecture is reported with the config field to fix.
   c.student.depth = 3
   with pytest.raises(Exception, match="(?s)config.init.path.*missing keys.*blocks.2"):
-    trainer.initial_student(c, None)
+    trainer.loaded_student_parts(c, abstract_student(c))
 
 
-def test_frozen_backbone_for_the_first_steps():
+def test_frozen_backbone_for_the_first_steps_leaves_its_optimizer_state_untouched():
   c = tiny_config()
   c.optim.update(warmup_epochs=0.25)
   c.init.freeze_backbone_steps = 2
   arch = make_arch(c)
   student = init_student_params(c, 0)
-  tx = build_optimizer_for(arch, student, c)
+  tx = build_optimizer_for(student, c)
   state = init_train_state(student, tx, c, 0)
+  initial_opt = jax.device_get(state.opt_state)
   tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
   step = jax.jit(make_train_step(arch, tx))
-  snapshots = [jax.device_get(state.student)]
+  snapshots, opt_states = [jax.device_get(state.student)], [initial_opt]
   for i in range(3):
     state, _ = step(state, make_batch(c, i), tables)
     snapshots.append(jax.device_get(state.student))
+    opt_states.append(jax.device_get(state.opt_state))
   kernel = lambda s: np.asarray(s["backbone"]["blocks"][0]["mlp"]["fc1"]["kernel"])  # noqa: E731
   head = lambda s: np.asarray(s["dino_head"]["mlp"][0]["kernel"])  # noqa: E731
   np.testing.assert_array_equal(kernel(snapshots[2]), kernel(snapshots[0]))  # steps 0 and 1: frozen
   assert not np.array_equal(head(snapshots[2]), head(snapshots[1]))  # the heads train meanwhile
   assert not np.array_equal(kernel(snapshots[3]), kernel(snapshots[2]))  # step 2: the backbone trains
+  # The backbone's Adam state (moments and step count) is exactly the initial one after the frozen
+  # steps, so step 2 is its first Adam step; the heads' state has moved on.
+  backbone_adam = lambda o: o.inner_state[2].inner_states["backbone"].inner_state.inner  # noqa: E731
+  head_adam = lambda o: o.inner_state[2].inner_states["dino_head"].inner_state  # noqa: E731
+  for a, b in zip(jax.tree.leaves(backbone_adam(opt_states[2])), jax.tree.leaves(backbone_adam(initial_opt))):
+    np.testing.assert_array_equal(a, b)
+  assert int(head_adam(opt_states[2])[0].count) == 2
+  assert int(backbone_adam(opt_states[3])[0].count) == 1
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest.py")
+def test_checkpoint_restores_after_a_change_of_layerwise_decay(tmp_path):
+  # The optimizer's labels are the submodules and the multipliers are data: a recipe change of the
+  # multipliers keeps the state's structure, so a run can continue with the new value.
+  c = tiny_config()
+  c.optim.epochs = 0.75  # 3 steps, a checkpoint at step 3
+  trainer.train(c, str(tmp_path), make_data_iterator=ArrayIterator)
+  c.optim.update(epochs=1.0, layerwise_decay=0.5, patch_embed_lr_mult=0.7)
+  resumed = trainer.train(c, str(tmp_path), make_data_iterator=ArrayIterator)
+  assert resumed["step"] == 4
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):

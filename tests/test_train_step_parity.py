@@ -178,7 +178,7 @@ def _run(separate_head: bool, centering: str):
   config = _config(separate_head, centering)
   arch = train_state.make_arch(config)
   student = jax.tree.map(jnp.asarray, _random_params(config))
-  tx = train_step.build_optimizer_for(arch, student, config)
+  tx = train_step.build_optimizer_for(student, config)
   state = train_state.init_train_state(student, tx, config, 0)
   tables = _schedule_tables()
 

@@ -398,11 +398,6 @@ class SeededDinoMultiCrop(grain.transforms.MapWithIndex):
     return self._inner.random_map(element, image_rng(self.seed, index))
 
 
-def crop_major(x: np.ndarray) -> np.ndarray:
-  """(B, K, ...) image-major -> (K * B, ...) crop-major: [crop 0 of all images; crop 1; ...]."""
-  return np.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-
-
 def collate_crops(samples: Sequence[Mapping[str, Any]],
                   normalize: bool = True) -> dict[str, np.ndarray]:
   """Batches `multi_crop` outputs crop-major, as Meta's `collate_data_and_cast`.
@@ -420,7 +415,8 @@ def collate_crops(samples: Sequence[Mapping[str, Any]],
   out = {}
   for key in samples[0]:
     if key in ("global_crops", "local_crops"):
-      x = np.stack([s[key] for s in samples], axis=1)  # (K, B, ...): crop-major in one copy
+      # Stacking on axis 1 gives (K, B, ...) in one copy: crop-major (dinov2_jax/data/layout.py).
+      x = np.stack([s[key] for s in samples], axis=1)
       x = x.reshape(-1, *x.shape[2:])
       out[key] = imagenet_normalize(x) if normalize else x
     else:

@@ -16,39 +16,38 @@ the file is counted (`num_skipped`, `skipped`), the first failure is logged as a
 summary is logged each time the count doubles. The counters live in the process that decodes: with
 `worker_count > 0` that is each grain worker, and the warnings come from there.
 
-Batches (`make_train_iterator`). With G the global batch size, P hosts and b = G / P:
+Batches (`make_train_iterator`). With G the global batch size, split into S data shards of
+b = G / S consecutive images (S = the devices the batch is split over; default: one per host), the
+layout of `dinov2_jax/data/layout.py`:
 
   examples:  source -> seed(seed) -> shuffle -> repeat (reshuffled every epoch) -> DinoMultiCrop.
              Example j of this infinite stream and its crops are a function of (seed, j) only.
-  global batch k = examples [k G, (k + 1) G). Host p loads only rows [p b, (p + 1) b) of it.
-  masks:     drawn per host from `mask_rng(seed, k, p)`, for the host's 2b global crops.
+  global batch k = examples [k G, (k + 1) G); shard s of it = examples [k G + s b, k G + (s + 1) b).
+  masks:     drawn per shard from `mask_rng(seed, k, s)` for the shard's 2b global crops, with
+             Meta's per-GPU collate semantics (exactly int(2b p) masked crops, stratified ratios).
 
-Each step yields a dict of numpy arrays whose shapes never change:
+So every array is a function of (seed, step, global image index) and the number of shards S, never
+of the number of hosts: a run on 1 host x 8 devices and one on 2 hosts x 4 devices see the same
+batches, and a run resumed on another number of hosts (same S) continues with the same data.
+A host loads only its own shards (`shards`, default the contiguous block of host p).
 
-  global_crops  (2b, S, S, 3) float32, ImageNet-normalised, crop-major: row c b + i is crop c of
-                the host's image i (Meta's `collate_data_and_cast` layout).
-  local_crops   (n_local b, s, s, 3) float32, crop-major likewise.
-  masks         (2b, N) bool, N = (S / patch) ** 2; row r belongs to global_crops row r.
-  mask_indices  (M,) int32, `flatnonzero(masks)` padded with 0, indexing the host's flattened
-                (2b N) patch tokens.
-  mask_weights  (M,) float32, 1 / (masked tokens of that crop), 0 on padding.
-  mask_valid    (M,) bool, True on the first `masks.sum()` entries.
-  labels        (b,) int32, only when the source has labels (demo, most TFDS datasets).
+Each step yields a dict of numpy arrays (L = the host's number of shards) whose shapes never change:
 
-M = `masking.mask_upperbound(2b, N, ...)`, Meta's static bound for a batch of 2b crops.
+  global_crops  (L 2b, H, H, 3) float32 (H: global crop size), ImageNet-normalised; shard after
+                shard, each crop-major:
+                row l 2b + c b + i is crop c of the shard's image i (Meta's per-GPU layout).
+  local_crops   (L n_local b, h, h, 3) float32 (h: local crop size), likewise.
+  masks         (L 2b, N) bool, N = (H / patch) ** 2; row r belongs to global_crops row r.
+  mask_indices  (L M,) int32: per shard, `flatnonzero` of its (2b, N) masks padded with 0 to M,
+                indexing that shard's own flattened (2b N) patch tokens.
+  mask_weights  (L M,) float32, 1 / (masked tokens of that crop), 0 on padding.
+  mask_valid    (L M,) bool, True on each shard's first `masks.sum()` entries.
+  labels        (L b,) int32, only when the source has labels (demo, most TFDS datasets).
 
-Multi-host layout contract. Every array above is host-local. If the train step builds global arrays
-with `jax.make_array_from_process_local_data` (hosts stacked in process order along axis 0), then
-  * global_crops is host-major, [h0: crop0, crop1; h1: crop0, crop1; ...], not globally crop-major;
-    `host_major_to_crop_major(x, P, 2)` reorders it (or its features) into exactly the single-host
-    batch of the same seed and step (tested); local_crops likewise with n_local crops.
-  * mask_indices index the host's own (2b N) tokens. Either gather per host shard (shard_map over
-    the data axis, as Meta gathers per GPU), or offset them by p 2b N to index the host-major
-    flattened global (P 2b N) tokens. Masks, and M, are per host, like Meta's per-GPU collate: a
-    P-host run draws different masks than a 1-host run of the same seed.
+M = `masking.mask_upperbound(2b, N, ...)`, Meta's static bound for one GPU's batch of 2b crops.
 
-Checkpointing. The batches are a pure function of (seed, G, step, host), so the iterator state is
-{"step": k, "seed": ..., "global_batch_size": ...}, the same on every host and independent of
+Checkpointing. The batches are a pure function of (seed, G, S, step, shard), so the iterator state is
+{"step": k, "seed": ..., "global_batch_size": ..., "num_shards": ...}, the same on every host and independent of
 `worker_count`. `TrainIterator` is a `grain.DatasetIterator`; save and restore it with orbax through
 grain's own handler (`checkpoint_save_args` / `checkpoint_restore_args`, usable inside
 `ocp.args.Composite` with orbax 0.12.8's CheckpointManager), or store `get_state()` yourself
@@ -170,14 +169,14 @@ def make_source(config: Any):
 # Batches.
 
 
-def mask_rng(seed: int, step: int, process_index: int) -> np.random.Generator:
-  """The iBOT mask generator of host `process_index` at `step`: a pure function of the three."""
-  return np.random.default_rng(np.random.SeedSequence((seed, step, process_index, _MASK_STREAM)))
+def mask_rng(seed: int, step: int, shard: int) -> np.random.Generator:
+  """The iBOT mask generator of data shard `shard` at `step`: a pure function of the three."""
+  return np.random.default_rng(np.random.SeedSequence((seed, step, shard, _MASK_STREAM)))
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskSettings:
-  """iBOT mask sampling for one host batch of `num_global_crops` = 2b crops."""
+  """iBOT mask sampling for one shard's batch of `num_global_crops` = 2b crops."""
 
   num_global_crops: int
   grid_size: tuple[int, int]
@@ -187,21 +186,22 @@ class MaskSettings:
 
   @property
   def upperbound(self) -> int:
-    """M, the static length of mask_indices / mask_weights / mask_valid."""
+    """M, the per-shard static length of mask_indices / mask_weights / mask_valid."""
     return masking.mask_upperbound(self.num_global_crops, self.grid_size[0] * self.grid_size[1],
                                    self.mask_ratio_min_max, self.mask_probability)
 
 
 class _AddMasks(grain.transforms.MapWithIndex):
-  """Adds the host's masks to batch `index` (= the step; the pipeline indexes batches by step)."""
+  """Adds its masks to shard element `index` = step * num_shards + shard."""
 
-  def __init__(self, settings: MaskSettings, seed: int, process_index: int):
-    self.settings, self.seed, self.process_index = settings, seed, process_index
+  def __init__(self, settings: MaskSettings, seed: int, num_shards: int):
+    self.settings, self.seed, self.num_shards = settings, seed, num_shards
 
   def map_with_index(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     s = self.settings
+    step, shard = divmod(index, self.num_shards)
     m = masking.sample_batch_masks(
-        mask_rng(self.seed, index, self.process_index), s.num_global_crops, s.grid_size,
+        mask_rng(self.seed, step, shard), s.num_global_crops, s.grid_size,
         max_num_patches=s.max_num_patches, mask_ratio_min_max=s.mask_ratio_min_max,
         mask_probability=s.mask_probability)
     return {**batch, "masks": m.masks, "mask_indices": m.mask_indices,
@@ -216,20 +216,43 @@ def _collate(samples: Sequence[Mapping[str, Any]], normalize: bool) -> dict[str,
   return out
 
 
-def _host_slice(global_batch_size: int, process_index: int | None,
-                process_count: int | None) -> tuple[int, int, int]:
-  """(process_index, process_count, per-host batch size b), validated."""
+class _HostShards(grain.MapDataset):
+  """Element k: the shards `shards` of step k, concatenated (from a dataset of all steps' shards)."""
+
+  def __init__(self, shard_batches: grain.MapDataset, num_shards: int, shards: Sequence[int]):
+    super().__init__(shard_batches)
+    self._num_shards, self._shards = num_shards, tuple(shards)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._num_shards
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    parts = [self._parent[index * self._num_shards + s] for s in self._shards]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+  def __str__(self) -> str:
+    return f"_HostShards(num_shards={self._num_shards}, shards={self._shards})"
+
+
+def host_shards(num_shards: int | None = None, process_index: int | None = None,
+                process_count: int | None = None) -> tuple[int, list[int]]:
+  """(S, this host's shard indices): by default one shard per host, and host p the p-th block.
+
+  A trainer passes the shards its local devices hold instead (`shards=` of `host_batches`).
+  """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only when the caller did not say)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count} (each host loads global_batch_size / "
-                     f"process_count images).")
-  return process_index, process_count, global_batch_size // process_count
+  num_shards = process_count if num_shards is None else num_shards
+  if num_shards % process_count:
+    raise ValueError(f"num_shards={num_shards} must be a multiple of process_count={process_count}.")
+  per_host = num_shards // process_count
+  return num_shards, list(range(process_index * per_host, (process_index + 1) * per_host))
 
 
 def host_batches(
@@ -241,6 +264,8 @@ def host_batches(
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     max_num_patches: float | None = None,
+    num_shards: int | None = None,
+    shards: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     normalize: bool = True,
@@ -248,14 +273,25 @@ def host_batches(
   """This host's batches as an infinite grain MapDataset: element k is the batch of step k.
 
   Random access, so any step can be read directly (`ds[k]`); `TrainIterator` iterates it. See the
-  module docstring for the keys, shapes and the multi-host layout. `max_num_patches=None` means
-  Meta's `meta_max_num_patches(S, patch)`; `normalize=False` keeps the crops uint8.
+  module docstring for the keys, shapes and layout. `num_shards` is S (default: the number of
+  hosts); `shards` the shard indices this host loads, in order (default: `host_shards`).
+  `max_num_patches=None` means Meta's `meta_max_num_patches(S, patch)`; `normalize=False` keeps the
+  crops uint8.
   """
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's shuffle seed range).")
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"the image source {source!r} is empty.")
-  process_index, process_count, b = _host_slice(global_batch_size, process_index, process_count)
+  if shards is None:
+    num_shards, shards = host_shards(num_shards, process_index, process_count)
+  elif num_shards is None:
+    raise ValueError("host_batches(shards=...) needs num_shards too.")
+  if not shards or any(not 0 <= s < num_shards for s in shards):
+    raise ValueError(f"shards={list(shards)} must be a non-empty list of indices in [0, {num_shards}).")
+  if global_batch_size < 1 or global_batch_size % num_shards:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                     f"{num_shards} data shards (each loads global_batch_size / {num_shards} images).")
+  b = global_batch_size // num_shards
   grid = multicrop.global_size // multicrop.patch_size
   if max_num_patches is None:
     max_num_patches = masking.meta_max_num_patches(multicrop.global_size, multicrop.patch_size)
@@ -265,20 +301,23 @@ def host_batches(
   # its crops are the same whatever the number of hosts or workers.
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds.random_map(augment.DinoMultiCrop(multicrop))
-  # Consecutive chunks of b examples; global batch k is chunks k P .. k P + P - 1 and this host
-  # takes chunk k P + p: rows [p b, (p + 1) b) of the global batch, loading nothing else.
+  # Element e = step e // S, shard e % S: examples [e b, (e + 1) b), with that shard's masks.
   ds = ds.batch(b, batch_fn=functools.partial(_collate, normalize=normalize))
-  ds = ds[process_index::process_count]
-  return ds.map_with_index(_AddMasks(settings, seed, process_index))
+  ds = ds.map_with_index(_AddMasks(settings, seed, num_shards))
+  # Only this host's shards are ever read.
+  return _HostShards(ds, num_shards, shards)
 
 
 def train_batch_spec(local_batch_size: int, multicrop: augment.MultiCropConfig, *,
                      mask_ratio_min_max=(0.1, 0.5), mask_probability: float = 0.5,
-                     labels: bool = False, normalize: bool = True) -> dict[str, tuple]:
-  """{key: (shape, dtype)} of one host batch of b = `local_batch_size` images, without reading."""
+                     labels: bool = False, normalize: bool = True, local_shards: int = 1) -> dict[str, tuple]:
+  """{key: (shape, dtype)} of one host batch of `local_batch_size` images in `local_shards` shards."""
+  if local_batch_size % local_shards:
+    raise ValueError(f"local_batch_size={local_batch_size} is not a multiple of local_shards={local_shards}")
   b, S, s = local_batch_size, multicrop.global_size, multicrop.local_size
   n_tokens = (S // multicrop.patch_size) ** 2
-  m = masking.mask_upperbound(2 * b, n_tokens, tuple(mask_ratio_min_max), mask_probability)
+  m = local_shards * masking.mask_upperbound(2 * b // local_shards, n_tokens, tuple(mask_ratio_min_max),
+                                             mask_probability)
   crops = np.dtype(np.float32 if normalize else np.uint8)
   spec = {
       "global_crops": ((2 * b, S, S, 3), crops),
@@ -293,23 +332,12 @@ def train_batch_spec(local_batch_size: int, multicrop: augment.MultiCropConfig, 
   return spec
 
 
-def host_major_to_crop_major(x, num_hosts: int, num_crops: int):
-  """(P K b, ...) hosts stacked, each crop-major -> (K P b, ...) globally crop-major.
-
-  For numpy or jax arrays (in jit too): turns the concatenation of the hosts' `global_crops`
-  (num_crops=2) or `local_crops` (num_crops=n_local), or of per-row features of them, into the
-  single-host layout of the same global batch.
-  """
-  b = x.shape[0] // (num_hosts * num_crops)
-  y = x.reshape(num_hosts, num_crops, b, *x.shape[1:]).swapaxes(0, 1)
-  return y.reshape(num_hosts * num_crops * b, *x.shape[1:])
-
-
 class TrainIterator(grain.DatasetIterator):
   """Iterates `host_batches` from a step; its state is that step (JSON), restorable anywhere.
 
-  `get_state()` -> {"step", "seed", "global_batch_size"}; `set_state` resumes at that step (a
-  restore with another seed or batch size is allowed but logged). With `worker_count > 0` the
+  `get_state()` -> {"step", "seed", "global_batch_size", "num_shards"}; `set_state` resumes at that
+  step (a restore with another seed, batch size or shard count is allowed but logged: the crops
+  depend only on the seed and the global image index, the masks also on the shard count). With `worker_count > 0` the
   batches are made in grain worker processes (interleaved in order, so the output does not depend
   on `worker_count`); call `close()` to stop them.
   """
@@ -396,6 +424,8 @@ def make_train_iterator(
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     max_num_patches: float | None = None,
+    num_shards: int | None = None,
+    shards: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
@@ -413,7 +443,11 @@ def make_train_iterator(
     multicrop: crop recipe; its global_size / patch_size give the mask grid.
     mask_ratio_min_max, mask_probability: Meta's iBOT settings (config.ibot).
     max_num_patches: per-block cap; None = Meta's `meta_max_num_patches(global_size, patch_size)`.
-    process_index, process_count: this host and the host count (default: jax's).
+    num_shards: S, the data shards of the global batch (default: the host count); masks are drawn
+      per shard.
+    shards: the shard indices this host loads, in the order of its rows (default: host p's block).
+    process_index, process_count: this host and the host count (default: jax's), for the default
+      `num_shards` / `shards`.
     worker_count: grain worker processes (0: build batches in this process). Scripts using
       workers need an `if __name__ == "__main__":` guard (they are spawned).
     worker_buffer_size: batches each worker may run ahead.
@@ -424,11 +458,13 @@ def make_train_iterator(
   batches = host_batches(
       source, global_batch_size=global_batch_size, seed=seed, multicrop=multicrop,
       mask_ratio_min_max=mask_ratio_min_max, mask_probability=mask_probability,
-      max_num_patches=max_num_patches, process_index=process_index, process_count=process_count,
-      normalize=normalize)
+      max_num_patches=max_num_patches, num_shards=num_shards, shards=shards,
+      process_index=process_index, process_count=process_count, normalize=normalize)
+  num_shards = num_shards or host_shards(None, process_index, process_count)[0]
   return TrainIterator(batches, step=start_step, worker_count=worker_count,
                        worker_buffer_size=worker_buffer_size, prefetch_batches=prefetch_batches,
-                       fingerprint={"seed": int(seed), "global_batch_size": int(global_batch_size)})
+                       fingerprint={"seed": int(seed), "global_batch_size": int(global_batch_size),
+                                    "num_shards": int(num_shards)})
 
 
 def multicrop_from_config(config: Any, patch_size: int) -> augment.MultiCropConfig:
@@ -443,7 +479,8 @@ def multicrop_from_config(config: Any, patch_size: int) -> augment.MultiCropConf
 
 
 def make_train_iterator_from_config(config: Any, patch_size: int, start_step: int = 0, *,
-                                    source=None, process_index: int | None = None,
+                                    source=None, num_shards: int | None = None,
+                                    shards: Sequence[int] | None = None, process_index: int | None = None,
                                     process_count: int | None = None) -> TrainIterator:
   """`make_train_iterator(make_source(config), ...)` with the fields listed in the module docstring."""
   ibot = _get(config, "ibot")
@@ -454,6 +491,8 @@ def make_train_iterator_from_config(config: Any, patch_size: int, start_step: in
       multicrop=multicrop_from_config(config, patch_size),
       mask_ratio_min_max=tuple(_get_any(ibot, ("mask_ratio_min_max",), (0.1, 0.5))),
       mask_probability=float(_get_any(ibot, ("mask_sample_probability", "mask_probability"), 0.5)),
+      num_shards=num_shards,
+      shards=shards,
       process_index=process_index,
       process_count=process_count,
       worker_count=int(_get_any(config, ("data_workers",), 0)),

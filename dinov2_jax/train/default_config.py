@@ -24,7 +24,10 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.dino = ml_collections.ConfigDict(dict(
       loss_weight=1.0, head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3,
-      head_hidden_dim=2048, koleo_loss_weight=0.1))
+      head_hidden_dim=2048, koleo_loss_weight=0.1,
+      # KoLeo's nearest neighbours are searched among the images of one data shard (one device),
+      # as Meta computes it on each GPU's local batch; "global": over the whole global batch.
+      koleo_scope="shard"))
   c.ibot = ml_collections.ConfigDict(dict(
       loss_weight=1.0, mask_sample_probability=0.5, mask_ratio_min_max=(0.1, 0.5), separate_head=False,
       head_n_prototypes=65536, head_bottleneck_dim=256, head_nlayers=3, head_hidden_dim=2048))

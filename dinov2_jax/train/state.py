@@ -50,10 +50,10 @@ class SSLArch:
   centering: str = "centering"  # or "sinkhorn_knopp"
   dino_loss_weight: float = 1.0
   koleo_loss_weight: float = 0.1
+  koleo_per_shard: bool = True  # KoLeo over each data shard's images (Meta: per GPU), else the global batch
   ibot_loss_weight: float = 1.0
   student_temp: float = 0.1
   center_momentum: float = 0.9
-  freeze_backbone_steps: int = 0
 
 
 @flax.struct.dataclass
@@ -126,7 +126,19 @@ def make_arch(config, drop_path_groups: int = 1) -> SSLArch:
       backbone=graphdefs["backbone"], dino_head=graphdefs["dino_head"], ibot_head=graphdefs.get("ibot_head"),
       backbone_config=cfg, n_local_crops=config.crops.local_crops_number, centering=config.centering,
       dino_loss_weight=config.dino.loss_weight, koleo_loss_weight=config.dino.koleo_loss_weight,
-      ibot_loss_weight=config.ibot.loss_weight, freeze_backbone_steps=config.init.get("freeze_backbone_steps", 0))
+      koleo_per_shard=koleo_per_shard(config),
+      ibot_loss_weight=config.ibot.loss_weight)
+
+
+KOLEO_SCOPES = ("shard", "global")
+
+
+def koleo_per_shard(config) -> bool:
+  """`config.dino.koleo_scope`: "shard" (Meta: each GPU's local batch) or "global" (the whole batch)."""
+  scope = config.dino.get("koleo_scope", "shard")
+  if scope not in KOLEO_SCOPES:
+    raise ValueError(f"config.dino.koleo_scope={scope!r}; expected one of {KOLEO_SCOPES}")
+  return scope == "shard"
 
 
 def init_student_params(config, seed: int) -> dict:

@@ -9,12 +9,13 @@ Follows Meta's `SSLMetaArch.forward_backward` + `do_train` iteration:
   4. gradients, clipping per student submodule, AdamW with Meta's parameter groups;
   5. EMA update of the teacher with this step's momentum.
 
-Batch layout (host-major across processes, crop-major within a process, like Meta's collate):
-  global_crops (P*2b, S, S, 3), local_crops (P*n*b, s, s, 3), masks (P*2b, N) bool,
-  mask_indices / mask_weights / mask_valid (P*M,): per process, indices into that process's
-  flattened (2b*N) global-crop tokens, padded to M. On one process this is exactly Meta's layout;
-  with P processes the step reorders rows to the global crop-major layout Meta's loss pairing
-  expects (row c*P*b + p*b + i holds crop c of image i of process p).
+Batch layout: `dinov2_jax/data/layout.py` (S data shards, one per device, each crop-major like one
+of Meta's GPUs): global_crops (S 2b, H, H, 3), local_crops (S n b, h, h, 3), masks (S 2b, N) bool,
+mask_indices / mask_weights / mask_valid (S M,): per shard, indices into that shard's flattened
+(2b N) patch tokens, padded to M. Every device works on its own images: the iBOT tokens are gathered
+per shard, Meta's batch-subset stochastic depth draws per shard, and KoLeo is per shard by default
+(Meta: per GPU); only the losses that pair crops of an image read the batch crop-major, through a
+view that moves no data. With S = 1 this is exactly Meta's single-GPU layout.
 """
 
 from __future__ import annotations
@@ -26,28 +27,9 @@ import jax.numpy as jnp
 import optax
 
 from dinov2_jax import losses, optim
+from dinov2_jax.data import layout
 from dinov2_jax.schedules import values_at
 from dinov2_jax.train.state import SSLArch, TrainState, merge
-
-
-def _crop_major(x: jax.Array, n_processes: int, n_crops: int) -> jax.Array:
-  """(P * C * b, ...) host-major rows -> (C * P * b, ...) globally crop-major rows."""
-  if n_processes == 1:
-    return x
-  b = x.shape[0] // (n_processes * n_crops)
-  return x.reshape((n_processes, n_crops, b) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
-
-
-def _global_mask_indices(indices: jax.Array, n_processes: int, n_tokens: int, per_process_crops: int) -> jax.Array:
-  """Per-process token indices (P blocks of M) -> indices into the crop-major global tokens."""
-  if n_processes == 1:
-    return indices
-  m = indices.shape[0] // n_processes
-  process = jnp.arange(indices.shape[0]) // m
-  row, token = indices // n_tokens, indices % n_tokens
-  b = per_process_crops // 2
-  crop, image = row // b, row % b
-  return ((crop * n_processes + process) * b + image) * n_tokens + token
 
 
 def _teacher_targets(arch: SSLArch, cls_logits, patch_logits, mask_valid, temp, state: TrainState):
@@ -67,24 +49,35 @@ def _heads(arch: SSLArch, params: dict):
   return dino, ibot
 
 
-def _gather_tokens(patch_tokens: jax.Array, indices: jax.Array) -> jax.Array:
-  """(2B, N, D) patch tokens -> (M, D) tokens at flat indices into (2B * N)."""
-  return patch_tokens.reshape(-1, patch_tokens.shape[-1])[indices]
+def _gather_tokens(patch_tokens: jax.Array, indices: jax.Array, n_shards: int) -> jax.Array:
+  """(S 2b, N, D) patch tokens, (S M,) per-shard flat indices -> (S M, D), gathered within shards."""
+  tokens = layout.per_shard(patch_tokens.reshape(-1, patch_tokens.shape[-1]), n_shards)  # (S, 2b N, D)
+  return jax.vmap(lambda t, i: t[i])(tokens, layout.per_shard(indices, n_shards)).reshape(-1, tokens.shape[-1])
 
 
-def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_processes: int = 1):
-  """Returns `train_step(state, batch, tables) -> (state, metrics)`; `tables` from `TrainSchedules.tables()`."""
+def _koleo(cls: jax.Array, n_shards: int, per_shard: bool) -> jax.Array:
+  """Meta's 0.1-weighted KoLeo without the weight: sum over the two global crops of KoLeo over the
+  batch; per shard (Meta: per GPU, then averaged over GPUs by the gradient all-reduce) or global."""
+  if per_shard:
+    by_shard = layout.per_shard(cls, n_shards).reshape(n_shards, 2, -1, cls.shape[-1])  # (S, 2, b, D)
+    return jnp.sum(jnp.mean(losses.koleo_loss(by_shard), axis=0))
+  return sum(losses.koleo_loss(c) for c in layout.crop_major_view(cls, n_shards, 2))
+
+
+def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1):
+  """Returns `train_step(state, batch, tables) -> (state, metrics)`; `tables` from `TrainSchedules.tables()`.
+
+  `n_shards`: S, the data shards of the batch (the devices it is split over; see the module doc).
+  """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], tables: dict[str, jax.Array]):
     sched = values_at(tables, state.step)
     temp = sched["teacher_temp"]
-    global_crops = _crop_major(batch["global_crops"], n_processes, 2)
-    local_crops = _crop_major(batch["local_crops"], n_processes, arch.n_local_crops) if arch.n_local_crops else None
-    masks = _crop_major(batch["masks"], n_processes, 2)
-    n_tokens = masks.shape[1]
-    indices = _global_mask_indices(batch["mask_indices"], n_processes, n_tokens, batch["masks"].shape[0] // n_processes)
-    weights, valid = batch["mask_weights"], batch["mask_valid"]
+    global_crops, masks = batch["global_crops"], batch["masks"]
+    local_crops = batch["local_crops"] if arch.n_local_crops else None
+    indices, weights, valid = batch["mask_indices"], batch["mask_weights"], batch["mask_valid"]
     n_global = global_crops.shape[0]
+    crop_major = lambda x, n_crops: layout.crop_major_view(x, n_shards, n_crops)  # noqa: E731
     rng, key_global, key_local = jax.random.split(state.rng, 3)
 
     # Teacher: eval mode, no masks, no gradients.
@@ -92,7 +85,8 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_processes
     t_out = merge(arch.backbone, teacher["backbone"]).forward_features(global_crops)
     t_dino_head, t_ibot_head = _heads(arch, teacher)
     t_cls_logits = t_dino_head(t_out["x_norm_clstoken"])
-    t_patch_logits = t_ibot_head(_gather_tokens(t_out["x_norm_patchtokens"], indices))
+    t_patch_logits = t_ibot_head(_gather_tokens(t_out["x_norm_patchtokens"], indices, n_shards))
+    # Centring and Sinkhorn-Knopp treat rows alike (or sum over all of them): any row order will do.
     dino_targets, ibot_targets, dino_center, ibot_center = _teacher_targets(
         arch, t_cls_logits, t_patch_logits, valid, temp, state)
 
@@ -104,11 +98,11 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_processes
       s_local_logits = None
       if local_crops is not None:
         s_local = backbone.forward_features(local_crops, drop_path_key=key_local)
-        s_local_logits = s_dino_head(s_local["x_norm_clstoken"])
-      dino = losses.dino_loss(s_global_logits, s_local_logits, dino_targets, arch.student_temp)
-      cls = s_global["x_norm_clstoken"].astype(jnp.float32)
-      koleo = sum(losses.koleo_loss(c) for c in jnp.split(cls, 2))
-      s_patch_logits = s_ibot_head(_gather_tokens(s_global["x_norm_patchtokens"], indices))
+        s_local_logits = crop_major(s_dino_head(s_local["x_norm_clstoken"]), arch.n_local_crops)
+      dino = losses.dino_loss(crop_major(s_global_logits, 2), s_local_logits, crop_major(dino_targets, 2),
+                              arch.student_temp)
+      koleo = _koleo(s_global["x_norm_clstoken"].astype(jnp.float32), n_shards, arch.koleo_per_shard)
+      s_patch_logits = s_ibot_head(_gather_tokens(s_global["x_norm_patchtokens"], indices, n_shards))
       ibot = losses.ibot_patch_loss(s_patch_logits, ibot_targets, weights, n_global, arch.student_temp)
       terms = {
           "dino_local_crops_loss": arch.dino_loss_weight * dino.local_crops,
@@ -126,10 +120,6 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_processes
         **hyper, "learning_rate": sched["lr"], "weight_decay": sched["wd"],
         "last_layer_learning_rate": sched["last_layer_lr"]})
     updates, opt_state = tx.update(grads, opt_state, state.student)
-    if arch.freeze_backbone_steps:
-      frozen = state.step < arch.freeze_backbone_steps
-      updates = {**updates, "backbone": jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u),
-                                                     updates["backbone"])}
     student = optax.apply_updates(state.student, updates)
     m = sched["momentum"]
     teacher = jax.tree.map(lambda t, s: (m * t + (1.0 - m) * s).astype(t.dtype), state.teacher, student)
@@ -144,10 +134,15 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_processes
   return train_step
 
 
-def build_optimizer_for(arch: SSLArch, student_abstract: Any, config) -> optax.GradientTransformation:
-  """Meta's optimizer; schedule values are injected per step by `train_step`."""
+def build_optimizer_for(student_abstract: Any, config) -> optax.GradientTransformation:
+  """Meta's optimizer; schedule values are injected per step by `train_step`.
+
+  `config.init.freeze_backbone_steps`: the backbone gets no update and its Adam state stays
+  untouched for that many first steps (only the heads train).
+  """
   o = config.optim
   return optim.build_optimizer(
       student_abstract, learning_rate=0.0, weight_decay=0.0, last_layer_learning_rate=0.0,
       layerwise_decay=o.layerwise_decay, patch_embed_lr_mult=o.patch_embed_lr_mult, clip_grad=o.clip_grad,
-      b1=o.adamw_beta1, b2=o.adamw_beta2, frozen=config.init.get("frozen") or None)
+      b1=o.adamw_beta1, b2=o.adamw_beta2, frozen=config.init.get("frozen") or None,
+      frozen_steps={"backbone": config.init.freeze_backbone_steps} if config.init.get("freeze_backbone_steps") else None)

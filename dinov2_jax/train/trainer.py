@@ -1,7 +1,11 @@
 """The DINOv2 training loop: set-up from a config, sharded init or resume, steps, logs, checkpoints.
 
 One process per host; the same code runs on one CPU, on 8 (fake) devices and on multi-host TPU/GPU
-(call `jax.distributed.initialize()` first, which `dinov2_jax.main` does when asked to).
+(join the processes first: `dinov2_jax.distributed.initialize`, which `dinov2_jax.main` calls). Every
+process runs the same loop: the state is created directly in its sharding, each process feeds the
+rows of the data shards its devices hold, checkpoints are written by all processes together, a
+preemption notice (SIGTERM) to any process makes all of them checkpoint the same step and stop, and
+the teacher export gathers the sharded parameters before process 0 writes them.
 """
 
 from __future__ import annotations
@@ -79,37 +83,58 @@ def schedules_from_config(config) -> schedules.TrainSchedules:
 # ------------------------------------------------------------------------------------ init
 
 
-def initial_student(config, template: dict) -> dict:
-  """Student parameters at step 0: Meta's init, or loaded from a Meta hub / teacher checkpoint."""
-  student = init_student_params(config, config.seed)
+def loaded_student_parts(config, template: dict) -> dict[str, dict]:
+  """The parts of the step-0 student that `config.init` reads from a file, as host numpy trees.
+
+  {} for `init.kind="scratch"`; {"backbone"} for a Meta hub file; {"backbone", "dino_head"[,
+  "ibot_head"]} for a Meta teacher checkpoint. Checked against `template` (the configured student's
+  shapes). The file is decoded on the host CPU, never on an accelerator.
+  """
   if config.init.kind == "scratch":
-    return student
+    return {}
   cfg = backbone_config_from(config)
   fields = {k: getattr(cfg, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                                            "ffn_layer", "num_register_tokens", "interpolate_antialias",
                                            "interpolate_offset")}
   try:
-    if config.init.kind == "hub":
-      backbone = api.load_backbone(config.init.path, **fields)
-      heads = {}
-    else:
-      backbone, heads = api.load_training_checkpoint(config.init.path, **fields)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      if config.init.kind == "hub":
+        backbone, heads = api.load_backbone(config.init.path, **fields), {}
+      else:
+        backbone, heads = api.load_training_checkpoint(config.init.path, **fields)
+      parts = {"backbone": nnx.to_pure_dict(nnx.state(backbone.module, nnx.Param))}
+      for name, head in heads.items():
+        parts[name] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
   except CheckpointError as e:
     raise CheckpointError(f"config.init.path: {e}\n(the student's img_size is config.student.img_size or the "
                           "global crop size; Meta's hub weights need img_size=518)") from None
-  student = dict(student)
-  student["backbone"] = nnx.to_pure_dict(nnx.state(backbone.module, nnx.Param))
-  for name, head in heads.items():
-    if name not in student:
+  for name in parts:
+    if name not in template:
       raise CheckpointError(f"config.init.path has an {name} but config.ibot.separate_head is False")
-    student[name] = nnx.to_pure_dict(nnx.state(head, nnx.Param))
-  # Shapes must agree with the configured heads too (prototypes, bottleneck ...).
-  for name in heads:
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(student[name])[0], jax.tree.leaves(template[name])):
+    # Shapes must agree with the configured heads too (prototypes, bottleneck ...).
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(parts[name])[0], jax.tree.leaves(template[name])):
       if a.shape != b.shape:
         raise CheckpointError(f"config.init.path: {name} {jax.tree_util.keystr(path)} has shape {a.shape}, "
-                              f"the configured head expects {b.shape}")
-  return jax.tree.map(jnp.asarray, student)
+                              f"the configured {name} expects {b.shape}")
+  return jax.tree.map(np.asarray, parts)
+
+
+def initial_state(config, tx, state_shardings) -> TrainState:
+  """The train state at step 0, created directly in `state_shardings` (no full copy on one device).
+
+  Meta's random initialisation runs inside one jit whose outputs are already sharded (a ViT-g/14
+  state would not fit on one device); parts loaded by `config.init` replace their random
+  counterparts (XLA drops the unused random init) and arrive per shard.
+  """
+  loaded = loaded_student_parts(config, abstract_student(config))
+  loaded = {name: jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+                               tree, state_shardings.student[name]) for name, tree in loaded.items()}
+
+  def init(loaded):
+    student = {**init_student_params(config, config.seed), **loaded}
+    return init_train_state(student, tx, config, config.seed)
+
+  return jax.jit(init, out_shardings=state_shardings)(loaded)
 
 
 # ------------------------------------------------------------------------------------ logging
@@ -160,23 +185,38 @@ class MetricsLogger:
 # ------------------------------------------------------------------------------------ loop
 
 
-class _StopRequest:
-  """Turns SIGTERM (preemption) into a request to checkpoint and stop at the next step."""
+class PreemptionNotice:
+  """Turns SIGTERM (a scheduler's preemption notice) into "checkpoint this step and stop".
+
+  With several processes, JAX's preemption service (started by `jax.distributed.initialize`)
+  catches SIGTERM in any of them and agrees with all the others on one step to stop at:
+  `reached(step)` is then True at that same step in every process, so all of them save the same
+  checkpoint and exit, instead of one process leaving the others hanging in a collective. With one
+  process a Python signal handler does the same. `reached` must be called at every step.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._multi_process = jax.process_count() > 1
+    self._requested = False
     self._previous = None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread
-      self._previous = None
+    if not self._multi_process:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not in the main thread
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi_process:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -201,36 +241,57 @@ def _config_changes(workdir: str, config) -> str:
   return "; ".join(diffs)
 
 
-def _to_global(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+class ShardFeeder:
+  """Puts a host's batch (the rows of its data shards, in shard order) onto the devices holding them.
+
+  Device d of the batch sharding holds data shard `shard_of[d]` (its position along the batch axis);
+  `shards` lists this process's shards in increasing order, which is the order its input pipeline
+  must produce rows in. Works for any device order (topology-aware TPU meshes included).
+  """
+
+  def __init__(self, batch_sharding):
+    self.sharding = batch_sharding
+    self.num_shards = batch_sharding.mesh.devices.size
+    index_map = batch_sharding.devices_indices_map((self.num_shards,))
+    local = {index_map[d][0].indices(self.num_shards)[0]: d for d in batch_sharding.addressable_devices}
+    self.shards = sorted(local)
+    self._devices = [local[s] for s in self.shards]
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    out = {}
+    for key, value in batch.items():
+      pieces = np.split(value, len(self._devices))
+      shape = (value.shape[0] // len(self._devices) * self.num_shards,) + value.shape[1:]
+      out[key] = jax.make_array_from_single_device_arrays(
+          shape, self.sharding, [jax.device_put(p, d) for p, d in zip(pieces, self._devices)])
+    return out
 
 
-def _pad_mask_arrays(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-  # The flat masked-token arrays are split over the local devices like the rest of the batch.
-  m = batch["mask_indices"].shape[0]
-  pad = -m % multiple
-  if not pad:
-    return batch
-  out = dict(batch)
-  for key, fill in (("mask_indices", 0), ("mask_weights", 0.0), ("mask_valid", False)):
-    out[key] = np.concatenate([batch[key], np.full((pad,), fill, batch[key].dtype)])
-  return out
+def fetch_to_host(tree):
+  """A pytree of (possibly multi-process sharded) arrays as numpy, on every process. Collective:
+  every process must call it. Leaf by leaf, so at most one parameter is gathered at a time."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 STEP_KEYS = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "mask_valid")
 
 
 def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
-          on_step: Callable[[int, dict], None] | None = None, student: dict | None = None) -> dict[str, Any]:
+          on_step: Callable[[int, dict], None] | None = None,
+          on_start: Callable[[api.Backbone], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) pretraining in `workdir`. Returns the final metrics and paths.
+
+  Every process of a multi-host run calls it with the same arguments.
 
   Args:
     config: an ml_collections config (see dinov2_jax/train/default_config.py and configs/).
     workdir: checkpoints, logs and exports go here; an existing run in it is resumed.
-    make_data_iterator: `(config, patch_size, start_step) -> iterator` override (tests).
+    make_data_iterator: `(config, patch_size, start_step=, num_shards=, shards=) -> iterator`
+      override (tests); it must yield this process's shards' rows (dinov2_jax/data/layout.py).
     on_step: called with (step, metrics) after every step (tests, notebooks).
-    student: the step-0 student from `initial_student(config, ...)` when the caller already built it
-      (used only when the run starts from scratch, not on resume).
+    on_start: called with the step-0 teacher backbone (on every process) before the first step of
+      a run that starts from scratch, e.g. to evaluate the initialisation.
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -238,12 +299,12 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
-  arch = make_arch(config, drop_path_groups=mesh.devices.size)
+  feeder = ShardFeeder(sharding.batch_sharding(mesh))
+  arch = make_arch(config, drop_path_groups=feeder.num_shards)
   n_steps = total_steps(config)
   tables = jax.device_put({k: jnp.asarray(v) for k, v in schedules_from_config(config).tables().items()},
                           sharding.replicated(mesh))
-  student_shapes = abstract_student(config)
-  tx = build_optimizer_for(arch, student_shapes, config)
+  tx = build_optimizer_for(abstract_student(config), config)
   abstract_state = jax.eval_shape(lambda: init_train_state(init_student_params(config, config.seed), tx, config,
                                                            config.seed))
   state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding_rules, config.fsdp_min_size)
@@ -258,34 +319,34 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
                        "config (saved as config.json in the workdir).") from None
     print(f"resumed from {checkpointer.directory}/{start} (step {int(state.step)})", flush=True)
   else:
-    student = initial_student(config, student_shapes) if student is None else student
-    state = jax.jit(lambda s: init_train_state(s, tx, config, config.seed), out_shardings=state_shardings)(student)
-    data_state, start = None, 0
+    state, data_state = initial_state(config, tx, state_shardings), None
+    if on_start is not None:
+      on_start(teacher_backbone(state, arch))
   start = int(jax.device_get(state.step))
 
   if make_data_iterator is None:
     from dinov2_jax.data.pipeline import make_train_iterator_from_config
     make_data_iterator = make_train_iterator_from_config
-  data = make_data_iterator(config, arch.backbone_config.patch_size, start_step=start)
+  data = make_data_iterator(config, arch.backbone_config.patch_size, start_step=start,
+                            num_shards=feeder.num_shards, shards=feeder.shards)
   if data_state is not None:
     data.set_state(data_state)
 
-  batch_shard = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(arch, tx, jax.process_count()), donate_argnums=0,
-                    in_shardings=(state_shardings, batch_shard, sharding.replicated(mesh)),
+  step_fn = jax.jit(make_train_step(arch, tx, feeder.num_shards), donate_argnums=0,
+                    in_shardings=(state_shardings, feeder.sharding, sharding.replicated(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
   logger = MetricsLogger(workdir, n_steps, config.batch_size)
-  print(f"training {n_steps} steps from step {start} on {jax.device_count()} devices, mesh "
-        f"{dict(zip(mesh.axis_names, mesh.devices.shape))}, global batch {config.batch_size}", flush=True)
+  print(f"training {n_steps} steps from step {start} on {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es), mesh {dict(zip(mesh.axis_names, mesh.devices.shape))}, global "
+        f"batch {config.batch_size}", flush=True)
 
   last_metrics: dict[str, float] = {}
   step = start
-  with _StopRequest() as stop:
+  with PreemptionNotice() as preemption:
     while step < n_steps:
       batch = next(data)
-      host_batch = _pad_mask_arrays({k: batch[k] for k in STEP_KEYS}, jax.local_device_count())
-      state, metrics = step_fn(state, _to_global(host_batch, batch_shard), tables)
+      state, metrics = step_fn(state, feeder({k: batch[k] for k in STEP_KEYS}), tables)
       step += 1
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not math.isfinite(metrics["total_loss"]):
@@ -300,10 +361,12 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
         on_step(step, metrics)
       if step % config.log_every_steps == 0 or step == n_steps or step == start + 1:
         logger.log(step, metrics)
-      if step % config.checkpoint_every_steps == 0 or step == n_steps or stop.requested:
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every_steps == 0 or step == n_steps or preempted:
         checkpointer.save(step, state, data.get_state(), force=True)
-      if stop.requested:
-        print(f"SIGTERM: checkpoint of step {step} written, stopping", flush=True)
+      if preempted:
+        checkpointer.wait()
+        print(f"preemption notice (SIGTERM): checkpoint of step {step} written, stopping", flush=True)
         break
   checkpointer.wait()
   logger.close()
@@ -315,16 +378,22 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
 
 
 def teacher_backbone(state: TrainState, arch) -> api.Backbone:
-  """The EMA teacher's backbone as a ready-to-use `Backbone` (what DINOv2 evaluates and releases)."""
-  params = jax.device_get(state.teacher["backbone"])
+  """The EMA teacher's backbone as a ready-to-use `Backbone` (what DINOv2 evaluates and releases).
+
+  Gathers the (sharded) parameters onto every process: all processes must call it.
+  """
+  params = fetch_to_host(state.teacher["backbone"])
   return api.Backbone(nnx.merge(arch.backbone, jax.tree.map(jnp.asarray, params)))
 
 
 def export_teacher(state: TrainState, arch, workdir: str) -> list[str]:
-  """Writes the teacher backbone in Meta's hub format (.pth and .safetensors), from process 0."""
+  """Writes the teacher backbone in Meta's hub format (.pth and .safetensors), from process 0.
+
+  All processes must call it (the parameters are gathered from all of them).
+  """
   paths = [os.path.join(workdir, "teacher_backbone.pth"), os.path.join(workdir, "teacher_backbone.safetensors")]
+  backbone = teacher_backbone(state, arch)
   if jax.process_index() == 0:
-    backbone = teacher_backbone(state, arch)
     for path in paths:
       backbone.save(path)
     print(f"exported the teacher backbone to {', '.join(paths)}", flush=True)
