@@ -133,6 +133,35 @@ def test_koleo_is_per_data_shard_like_meta_per_gpu_or_global_by_switch():
     make_arch(c)
 
 
+def test_bfloat16_demo_run_tracks_float32():
+  # The demo recipe (LayerScale 1e-5, where a bf16 residual stream made every block an identity) on
+  # demo batches for 50 steps, in float32 and in bfloat16 (Meta's autocast semantics): the losses
+  # of the two runs stay together (a run that cannot learn drifts away within a few steps).
+  import configs.demo
+  from dinov2_jax.data.pipeline import make_train_iterator_from_config
+  c = configs.demo.get_config()
+  c.update(batch_size=16, epoch_length=10)
+  c.optim.epochs = 5
+  it = make_train_iterator_from_config(c, c.student.patch_size, num_shards=1, shards=[0])
+  batches = [{k: v for k, v in next(it).items() if k != "labels"} for _ in range(50)]
+  tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    c.compute_dtype = dtype
+    arch = make_arch(c)
+    student = init_student_params(c, 0)
+    tx = build_optimizer_for(student, c)
+    state = init_train_state(student, tx, c, 0)
+    step = jax.jit(make_train_step(arch, tx), donate_argnums=0)
+    losses[dtype] = []
+    for batch in batches:
+      state, metrics = step(state, batch, tables)
+      losses[dtype].append(float(metrics["total_loss"]))
+  f32, bf16 = np.asarray(losses["float32"]), np.asarray(losses["bfloat16"])
+  assert f32[-10:].mean() < f32[:10].mean() - 0.3  # the run does learn something in 50 steps
+  np.testing.assert_allclose(bf16, f32, rtol=0.01)
+
+
 def test_step_changes_student_and_teacher_by_ema():
   c = tiny_config()
   c.optim.update(warmup_epochs=0.25, freeze_last_layer_epochs=0.5)  # lr 0 at step 0 (Meta), last layer frozen 2 steps
