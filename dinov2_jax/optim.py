@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dinov2_jax.param_paths import param_names, path_name
+
 # Meta's `SSLMetaArch` defaults (`ssl_default_config.yaml`, `optim`).
 LAYERWISE_DECAY = 0.9
 PATCH_EMBED_LR_MULT = 0.2
@@ -69,38 +71,9 @@ class ParamGroup(NamedTuple):
 # Names.
 
 
-def _key_name(key) -> str | None:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
-def path_name(key_path) -> str:
-  """'/'-joined name of a `jax.tree_util` key path, e.g. 'backbone/blocks/0/attn/qkv/kernel'.
-
-  A trailing `.value` (the array inside an `nnx.Variable`, present when the tree is an `nnx.State`
-  of Variables rather than a pure dict) is dropped, so both kinds of tree give the same names.
-  """
-  keys = list(key_path)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys = keys[:-1]
-  return "/".join(_key_name(k) for k in keys)
-
-
 def _normalise(name: str) -> str:
   # Accept Meta's dotted names too ('blocks.2.attn.qkv.weight'); the rules only look at substrings.
   return name.replace(".", "/")
-
-
-def param_names(tree) -> list[str]:
-  """Names of the leaves of `tree` (pure dict or `nnx.State`), in `jax.tree.leaves` order."""
-  return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def count_blocks(names) -> int:

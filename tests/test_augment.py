@@ -334,11 +334,12 @@ def test_invalid_crop_sizes():
     A.MultiCropConfig(local_size=96)
   with pytest.raises(ValueError, match=r"global_size=230 .*224 or 238"):
     A.MultiCropConfig(global_size=230)
-  with pytest.raises(ValueError, match=r"nearest valid sizes: 14\."):
-    A.check_crop_size(10, 14)
+  from dinov2_jax.models.vit import check_patch_multiple
+  with pytest.raises(ValueError, match=r"crop=10 is not a multiple of patch_size=14; nearest valid sizes: 14\."):
+    check_patch_multiple(10, 14, "crop")
   # Any multiple of the patch size is accepted, also Meta's 96 with patch 16.
   for size in (14, 42, 98, 112, 518):
-    assert A.check_crop_size(size, 14) == size
+    assert check_patch_multiple(size, 14, "crop") == size
   A.MultiCropConfig(local_size=96, global_size=224, patch_size=16)
   out = A.multi_crop(_image(), A.image_rng(0, 0), A.MultiCropConfig(global_size=42, local_size=28,
                                                                      n_local=1))

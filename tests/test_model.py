@@ -21,9 +21,9 @@ def _x(b=2, h=28, w=28, seed=0):
 
 def test_image_size_errors_name_the_nearest_valid_sizes():
   model = create_backbone(TINY)
-  with pytest.raises(ValueError, match="height 30 is not a multiple of the patch size 14; resize or crop to 28 or 42"):
+  with pytest.raises(ValueError, match="image height=30 is not a multiple of the patch size=14; nearest valid sizes: 28 or 42"):
     model.forward_features(_x(h=30))
-  with pytest.raises(ValueError, match="width 13 .* 14"):
+  with pytest.raises(ValueError, match="width=13 .* 14"):
     model.forward_features(_x(w=13))
   with pytest.raises(ValueError, match="looks NCHW"):
     model.forward_features(jnp.zeros((1, 3, 28, 28)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dinov2_jax import optim
+from dinov2_jax import optim, param_paths
 from dinov2_jax.models.dino_head import DINOHead
 from dinov2_jax.models.vit import ViTConfig, create_backbone
 
@@ -184,7 +184,7 @@ def _nest(flat: dict) -> dict:
 
 
 def _flat(tree) -> dict:
-  return {optim.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {param_paths.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _toy_data(n_steps):

@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.torch_reference_step import HeadSpec, TorchDinov2Step, meta_name_of, meta_param_group  # noqa: E402
-from dinov2_jax import masking, optim, schedules  # noqa: E402
+from dinov2_jax import masking, optim, param_paths, schedules  # noqa: E402
 from dinov2_jax.train import state as train_state  # noqa: E402
 from dinov2_jax.train import step as train_step  # noqa: E402
 from dinov2_jax.train.default_config import get_default_config  # noqa: E402
@@ -105,7 +105,7 @@ def _random_params(config, seed: int = 1):
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
-    name = optim.path_name(path)
+    name = param_paths.path_name(path)
     shape = tuple(leaf.shape)
     noise = rng.normal(size=shape).astype(np.float32)
     if "norm" in name and name.endswith("scale"):

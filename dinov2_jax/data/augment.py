@@ -58,6 +58,8 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from scipy import ndimage
 
+from dinov2_jax.models.vit import check_patch_multiple
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Normalising from uint8 as (x - 255 mean) * 1 / (255 std) is one subtract and one multiply.
@@ -94,8 +96,8 @@ class MultiCropConfig:
   blur_sigma: tuple[float, float] = (0.1, 2.0)
 
   def __post_init__(self):
-    check_crop_size(self.global_size, self.patch_size, "global_size")
-    check_crop_size(self.local_size, self.patch_size, "local_size")
+    check_patch_multiple(self.global_size, self.patch_size, "global_size")
+    check_patch_multiple(self.local_size, self.patch_size, "local_size")
     if self.blur_mode not in BLUR_PROBS:
       raise ValueError(f"blur_mode={self.blur_mode!r}; expected one of {sorted(BLUR_PROBS)}.")
     if self.n_local < 0:
@@ -107,21 +109,6 @@ class MultiCropConfig:
   def blur_probs(self) -> tuple[float, float, float]:
     """(p global crop 1, p global crop 2, p local crops)."""
     return BLUR_PROBS[self.blur_mode]
-
-
-def check_crop_size(size: int, patch_size: int, name: str = "crop size") -> int:
-  """Returns `size` if it is a positive multiple of `patch_size`, else raises a ValueError.
-
-  Meta's default local size 96 is not a multiple of 14: its patch embedding silently drops the
-  12 leftover pixels. We refuse such sizes and name the nearest valid ones instead.
-  """
-  if size > 0 and size % patch_size == 0:
-    return size
-  lower = size // patch_size * patch_size
-  nearest = [v for v in (lower, lower + patch_size) if v > 0]
-  raise ValueError(
-      f"{name}={size} is not a multiple of patch_size={patch_size}; "
-      f"nearest valid sizes: {' or '.join(map(str, nearest))}.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,21 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 DROP_PATH_MODES = ("meta", "per_sample")
 
 
+def check_patch_multiple(size: int, patch_size: int, what: str, patch_what: str = "patch_size") -> int:
+  """Returns `size` if it is a positive multiple of `patch_size`, else raises a ValueError naming
+  `what` and the nearest valid sizes. The one statement of this rule (images, crops, configs).
+
+  Meta's patch embedding silently drops the leftover pixels (its default local crop of 96 px with
+  patch 14 loses 12); we refuse such sizes instead.
+  """
+  if size > 0 and size % patch_size == 0:
+    return size
+  lower = size // patch_size * patch_size
+  nearest = [v for v in (lower, lower + patch_size) if v > 0]
+  raise ValueError(f"{what}={size} is not a multiple of {patch_what}={patch_size}; "
+                   f"nearest valid sizes: {' or '.join(map(str, nearest))}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   """Backbone hyper-parameters. The first block of fields are Meta's constructor arguments.
@@ -98,8 +113,7 @@ class ViTConfig:
       raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; expected one of {DROP_PATH_MODES}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-    if self.img_size % self.patch_size:
-      raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+    check_patch_multiple(self.img_size, self.patch_size, "img_size")
 
   @property
   def layerscale(self) -> bool:
@@ -126,15 +140,23 @@ class ViTConfig:
     return dataclasses.replace(self, **changes)
 
 
+# Meta's builders (`vit_small` ... `vit_giant2`, the `student.arch` names of its configs): head dim 64.
+ARCH_SIZES = {
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
+}
+
 # The eight backbones Meta released on torch hub. Shared settings: patch 14, 518 px positional grid
-# (37 x 37), LayerScale, all biases on, head dim 64.
+# (37 x 37), LayerScale, all biases on; the giant uses the fused SwiGLU FFN.
 _HUB_COMMON = dict(img_size=518, patch_size=14, init_values=1.0)
 _REGISTERS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
 _SIZES = {
-    "s": dict(embed_dim=384, depth=12, num_heads=6),
-    "b": dict(embed_dim=768, depth=12, num_heads=12),
-    "l": dict(embed_dim=1024, depth=24, num_heads=16),
-    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
+    "s": ARCH_SIZES["vit_small"],
+    "b": ARCH_SIZES["vit_base"],
+    "l": ARCH_SIZES["vit_large"],
+    "g": dict(ARCH_SIZES["vit_giant2"], ffn_layer="swiglufused"),
 }
 PRESETS: dict[str, ViTConfig] = {}
 for _size, _fields in _SIZES.items():
@@ -314,12 +336,6 @@ class Block(nnx.Module):
     return x + _drop_path(self._ffn_residual(x), self.drop_rate, key_ffn)
 
 
-def _nearest_multiples(size: int, patch: int) -> str:
-  lo = max(size // patch, 1) * patch
-  hi = (size // patch + 1) * patch
-  return f"{lo} or {hi}" if lo != hi else f"{lo}"
-
-
 def check_image_shape(shape: Sequence[int], patch_size: int, in_chans: int = 3) -> None:
   """Raises a ValueError naming the problem if `shape` is not (B, H, W, C) with H, W multiples of p."""
   if len(shape) != 4:
@@ -329,10 +345,7 @@ def check_image_shape(shape: Sequence[int], patch_size: int, in_chans: int = 3) 
     hint = " The input looks NCHW; transpose it with x.transpose(0, 2, 3, 1)." if h == in_chans else ""
     raise ValueError(f"expected {in_chans} channels in the last axis (NHWC), got shape {tuple(shape)}.{hint}")
   for name, size in (("height", h), ("width", w)):
-    if size % patch_size or size == 0:
-      raise ValueError(
-          f"image {name} {size} is not a multiple of the patch size {patch_size}; "
-          f"resize or crop to {_nearest_multiples(size, patch_size)}")
+    check_patch_multiple(size, patch_size, f"image {name}", "the patch size")
 
 
 class DinoVisionTransformer(nnx.Module):

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dinov2_jax.param_paths import path_name
+
 FSDP_AXIS = "fsdp"
 STRATEGIES = ("fsdp", "replicate")
 
@@ -50,18 +52,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def _leaf_spec(shape: tuple[int, ...], strategy: str, fsdp_size: int, min_size: int) -> P:
   if strategy == "replicate" or fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
@@ -85,7 +75,7 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, str]], min_size:
   fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(FSDP_AXIS, 1)
 
   def leaf_sharding(path, leaf):
-    name = _path_name(path)
+    name = path_name(path)
     strategy = next((s for p, s in compiled if p.fullmatch(name)), "replicate")
     return NamedSharding(mesh, _leaf_spec(tuple(np.shape(leaf)), strategy, fsdp_size, min_size))
 

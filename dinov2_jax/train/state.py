@@ -19,16 +19,7 @@ from flax import nnx
 
 from dinov2_jax import losses
 from dinov2_jax.models.dino_head import DINOHead
-from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig
-
-# Meta's `student.arch` names -> sizes (head dim 64).
-ARCHS = {
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24),
-}
-
+from dinov2_jax.models.vit import ARCH_SIZES, DinoVisionTransformer, ViTConfig
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
@@ -72,9 +63,9 @@ class TrainState:
 def backbone_config_from(config, drop_path_groups: int = 1) -> ViTConfig:
   """`ViTConfig` from Meta-style `config.student` fields (img_size defaults to the global crop size, as Meta)."""
   s = config.student
-  if s.arch not in ARCHS and s.arch != "custom":
-    raise ValueError(f"config.student.arch={s.arch!r}; expected one of {sorted(ARCHS)} or 'custom'")
-  sizes = ARCHS.get(s.arch) or dict(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
+  if s.arch not in ARCH_SIZES and s.arch != "custom":
+    raise ValueError(f"config.student.arch={s.arch!r}; expected one of {sorted(ARCH_SIZES)} or 'custom'")
+  sizes = ARCH_SIZES.get(s.arch) or dict(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
   return ViTConfig(
       img_size=s.get("img_size") or config.crops.global_crops_size, patch_size=s.patch_size, **sizes,
       mlp_ratio=s.get("mlp_ratio", 4.0), qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,

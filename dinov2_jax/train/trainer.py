@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dinov2_jax import api, cpu_tuning, schedules
+from dinov2_jax.models.vit import check_patch_multiple
 from dinov2_jax.train import sharding
 from dinov2_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from dinov2_jax.train.state import (TrainState, abstract_student, backbone_config_from, init_student_params,
@@ -44,13 +45,9 @@ def total_steps(config) -> int:
 
 def validate_config(config) -> None:
   """Fails fast, before anything is compiled, with the offending field named."""
-  patch = config.student.patch_size
   for field in ("global_crops_size", "local_crops_size"):
-    size = config.crops[field]
-    if size % patch:
-      lo, hi = size // patch * patch, (size // patch + 1) * patch
-      raise ValueError(f"config.crops.{field}={size} is not a multiple of config.student.patch_size={patch}; "
-                       f"use {lo or hi} or {hi}")
+    check_patch_multiple(config.crops[field], config.student.patch_size, f"config.crops.{field}",
+                         "config.student.patch_size")
   data_ways = sharding.make_mesh(config.mesh).devices.size
   if config.batch_size % data_ways:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {data_ways} devices of "
