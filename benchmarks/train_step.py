@@ -231,7 +231,7 @@ def memory_child(args):
   c.crops.update(global_crops_size=224, local_crops_size=98, local_crops_number=8)
   c.centering = "sinkhorn_knopp"
   c.compute_dtype = "bfloat16"
-  c.remat = args.remat
+  c.remat_policy = "full" if args.remat else "none"
   batch = args.per_device * n_dev
   c.batch_size = batch
 

@@ -14,8 +14,8 @@
 
 Meta's per-GPU batch sizes (64 default, 32 for vitl14, 12 for vitg14) times its GPU count give the
 global `batch_size`; set yours with --config.batch_size (the lr follows the sqrt rule around 1024).
-Large models default to bf16 compute (float32 parameters and losses), per-block remat and FSDP over
-all devices (`mesh = (("data", 1), ("fsdp", -1))`); change `mesh` for data + FSDP hybrids.
+Large models default to bf16 compute (float32 parameters and losses), per-block remat, the blocks
+run as one scan (compile time independent of depth) and FSDP over all devices (`mesh = (("data", 1), ("fsdp", -1))`); change `mesh` for data + FSDP hybrids.
 """
 
 from dinov2_jax.train.default_config import get_default_config
@@ -50,6 +50,7 @@ def get_config(arg="vitl16_short"):
     c.dataset.name = "imagenet2012"  # Meta used ImageNet-22k (LVD-142M for the released models)
   if arg in ("vitl16_short", "vitl14", "vitg14"):
     c.compute_dtype = "bfloat16"
-    c.remat = True
+    c.remat_policy = "full"
+    c.scan_blocks = True
     c.mesh = (("data", 1), ("fsdp", -1))
   return c

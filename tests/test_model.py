@@ -148,16 +148,38 @@ def test_bfloat16_blocks_contribute_like_float32_at_meta_layerscale_init():
   np.testing.assert_array_equal(np.asarray(model16.prepare_tokens(x)).dtype, np.float32)
 
 
-def test_remat_gives_the_same_gradients():
-  x = _x()
-  grads = []
-  for remat in (False, True):
-    model = create_backbone(TINY.replace(remat=remat))
+@pytest.mark.parametrize("variant", [dict(remat_policy="full"), dict(remat_policy="dots_saveable"),
+                                     dict(scan_blocks=True), dict(scan_blocks=True, remat_policy="full")])
+def test_remat_and_scanned_blocks_give_the_same_outputs_and_gradients(variant):
+  # Training mode (Meta's batch-subset stochastic depth, masks): the same keys reach the same blocks.
+  cfg = TINY.replace(drop_path_rate=0.3, drop_path_uniform=True)
+  x, masks = _x(b=4), jnp.asarray(np.random.default_rng(1).random((4, 4)) < 0.3)
+  results = []
+  for c in (cfg, cfg.replace(**variant)):
+    model = create_backbone(c, seed=2)
     graphdef, params = nnx.split(model)
-    loss = lambda p: jnp.sum(nnx.merge(graphdef, p).forward_features(x)["x_norm_clstoken"] ** 2)  # noqa: E731
-    grads.append(jax.jit(jax.grad(loss))(params))
-  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+
+    def loss(p):
+      out = nnx.merge(graphdef, p).forward_features(x, masks, drop_path_key=jax.random.key(7))
+      return jnp.sum(out["x_norm_clstoken"] ** 2) + jnp.sum(jnp.sin(out["x_norm_patchtokens"]))
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (v0, g0), (v1, g1) = results
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)  # per-block parameters either way
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):  # float rounding relative to the leaf's scale
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_scanned_blocks_for_intermediate_layers_and_their_limits():
+  model, scanned = create_backbone(TINY, seed=3), create_backbone(TINY.replace(scan_blocks=True), seed=3)
+  for a, b in zip(model.get_intermediate_layers(_x(), n=2), scanned.get_intermediate_layers(_x(), n=2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  with pytest.raises(ValueError, match="drop_path_uniform=True"):
+    create_backbone(TINY.replace(scan_blocks=True, drop_path_rate=0.3)).forward_features(
+        _x(), drop_path_key=jax.random.key(0))
+  with pytest.raises(ValueError, match="remat_policy='some'"):
+    TINY.replace(remat_policy="some")
 
 
 def test_intermediate_layer_indices_are_checked():

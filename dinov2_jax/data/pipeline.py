@@ -481,7 +481,7 @@ def multicrop_from_config(config: Any, patch_size: int) -> augment.MultiCropConf
 def make_train_iterator_from_config(config: Any, patch_size: int, start_step: int = 0, *,
                                     source=None, num_shards: int | None = None,
                                     shards: Sequence[int] | None = None, process_index: int | None = None,
-                                    process_count: int | None = None) -> TrainIterator:
+                                    process_count: int | None = None, normalize: bool = True) -> TrainIterator:
   """`make_train_iterator(make_source(config), ...)` with the fields listed in the module docstring."""
   ibot = _get(config, "ibot")
   return make_train_iterator(
@@ -497,6 +497,7 @@ def make_train_iterator_from_config(config: Any, patch_size: int, start_step: in
       process_count=process_count,
       worker_count=int(_get_any(config, ("data_workers",), 0)),
       start_step=start_step,
+      normalize=normalize,
   )
 
 

@@ -29,6 +29,13 @@ from dinov2_jax.models.posemb import resample_patch_pos_embed
 LAYER_NORM_EPS = 1e-6
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 DROP_PATH_MODES = ("meta", "per_sample")
+# remat_policy -> what jax.checkpoint may keep from the forward pass (None: nothing, recompute all).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def check_patch_multiple(size: int, patch_size: int, what: str, patch_what: str = "patch_size") -> int:
@@ -75,7 +82,15 @@ class ViTConfig:
     drop_path_groups: for Meta's batch-subset drop path, draw the subset separately in this many
       equal groups of the batch (Meta draws it per GPU); the trainer sets it to the number of data
       shards so each device keeps working on its own samples.
-    remat: recompute each block's activations in the backward pass (saves memory in training).
+    remat_policy: what the backward pass recomputes instead of storing, per block: "none" (store
+      everything), "full" (recompute each block from its input), "dots_saveable" (keep the matmul
+      outputs, recompute the elementwise work) or "dots_with_no_batch_dims_saveable".
+    scan_blocks: run the blocks as one `jax.lax.scan` over their stacked parameters: the compiled
+      program holds one block instead of `depth` (compile time and program size stop growing with
+      depth). Parameters stay per block (`blocks/3/...`: weight files, checkpoints and the
+      optimizer's layer-wise rules are unchanged); the stacking happens inside the jitted function.
+      Training with stochastic depth needs equal rates in all blocks (`drop_path_uniform`, Meta's
+      training default). Results equal the unrolled loop's up to float rounding.
     grad_barrier: materialise the residual-stream gradient at every block boundary in the backward
       pass (`materialize_cotangent`); None turns it on for the CPU backend only, where it removes
       a quarter of the ViT-S/14 train step's time (benchmarks/RESULTS.md). Results change only by
@@ -103,12 +118,15 @@ class ViTConfig:
   param_dtype: str = "float32"
   drop_path_mode: str = "meta"
   drop_path_groups: int = 1
-  remat: bool = False
+  remat_policy: str = "none"
+  scan_blocks: bool = False
   grad_barrier: bool | None = None
 
   def __post_init__(self):
     if self.ffn_layer not in FFN_LAYERS:
       raise ValueError(f"ffn_layer={self.ffn_layer!r}; expected one of {FFN_LAYERS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}")
     if self.drop_path_mode not in DROP_PATH_MODES:
       raise ValueError(f"drop_path_mode={self.drop_path_mode!r}; expected one of {DROP_PATH_MODES}")
     if self.embed_dim % self.num_heads:
@@ -391,19 +409,44 @@ class DinoVisionTransformer(nnx.Module):
     return x
 
   def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = ()):
-    keys = [None] * len(self.blocks) if drop_path_key is None else list(jax.random.split(drop_path_key, len(self.blocks)))
+    """Runs all blocks on (B, T, D) tokens; returns the output and the outputs of blocks `keep`."""
+    depth = len(self.blocks)
+    keys = None if drop_path_key is None else jax.random.split(drop_path_key, depth)
+    # Blocks before the first kept one may run as a scan; kept blocks (the last few, for the
+    # evaluations) run one by one, so their outputs need not be stacked for every block.
+    n_scanned = min(min(keep, default=depth), depth) if self.cfg.scan_blocks else 0
+    if n_scanned:
+      x = self._scan_blocks(x, n_scanned, None if keys is None else keys[:n_scanned])
     kept = []
-    barrier = self.cfg.grad_barrier if self.cfg.grad_barrier is not None else jax.default_backend() == "cpu"
-    for i, block in enumerate(self.blocks):
-      if self.cfg.remat:
-        x = nnx.remat(lambda blk, y, k: blk(y, k))(block, x, keys[i])
-      else:
-        x = block(x, keys[i])
-      if barrier:
-        x = materialize_cotangent(x)
+    for i in range(n_scanned, depth):
+      x = self._apply_block(self.blocks[i], x, None if keys is None else keys[i])
       if i in keep:
         kept.append(x)
     return x, kept
+
+  def _apply_block(self, block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    """One block with the configured remat policy and CPU gradient barrier."""
+    if self.cfg.remat_policy != "none":
+      x = nnx.remat(lambda blk, y, k: blk(y, k), policy=REMAT_POLICIES[self.cfg.remat_policy])(block, x, key)
+    else:
+      x = block(x, key)
+    barrier = self.cfg.grad_barrier if self.cfg.grad_barrier is not None else jax.default_backend() == "cpu"
+    return materialize_cotangent(x) if barrier else x
+
+  def _scan_blocks(self, x: jax.Array, n: int, keys: jax.Array | None) -> jax.Array:
+    """The first `n` blocks as one `lax.scan` over their parameters, stacked here (inside jit)."""
+    graphdefs, states = zip(*(nnx.split(block) for block in self.blocks[:n]))
+    if keys is not None and len(set(graphdefs)) > 1:
+      raise ValueError("scan_blocks with stochastic depth needs the same drop-path rate in every block: "
+                       "set drop_path_uniform=True (Meta's training default) or scan_blocks=False")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(y, per_block):
+      state, key = per_block
+      return self._apply_block(nnx.merge(graphdefs[0], state), y, key), None
+
+    x, _ = jax.lax.scan(body, x, (stacked, keys))
+    return x
 
   def forward_features(
       self, images: jax.Array, masks: jax.Array | None = None, *, drop_path_key: jax.Array | None = None

@@ -15,7 +15,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.batch_size = 1024  # global batch (Meta: batch_size_per_gpu * world size)
   c.epoch_length = 1250  # Meta's OFFICIAL_EPOCH_LENGTH: an "epoch" is this many iterations
   c.compute_dtype = "float32"  # "bfloat16": bf16 matmuls, float32 parameters and loss maths
-  c.remat = False  # recompute each block in the backward pass
+  # Per block, what the backward pass recomputes: "none", "full", "dots_saveable", ... (ViTConfig).
+  c.remat_policy = "none"
+  c.scan_blocks = False  # the blocks as one lax.scan: one block in the compiled program
   # On the CPU backend: reuse freed host memory between steps and keep XLA's reductions out of
   # YNNPACK, and materialise the residual gradient per block (dinov2_jax/cpu_tuning.py; ~2.5x faster
   # steps on CPU). No effect on GPU/TPU.
@@ -68,4 +70,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.export_teacher = True  # write the teacher backbone in Meta's format at the end
   c.knn_eval = ml_collections.ConfigDict(dict(enabled=False, image_size=0, k=20, temperature=0.07))
+  # Collapse warnings from the health metrics (dinov2_jax/health.py) are always printed; with
+  # stop_on_collapse the run also checkpoints and stops at the first one.
+  c.health = ml_collections.ConfigDict(dict(stop_on_collapse=False))
   return c

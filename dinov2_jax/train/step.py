@@ -10,12 +10,16 @@ Follows Meta's `SSLMetaArch.forward_backward` + `do_train` iteration:
   5. EMA update of the teacher with this step's momentum.
 
 Batch layout: `dinov2_jax/data/layout.py` (S data shards, one per device, each crop-major like one
-of Meta's GPUs): global_crops (S 2b, H, H, 3), local_crops (S n b, h, h, 3), masks (S 2b, N) bool,
+of Meta's GPUs): global_crops (S 2b, H, H, 3), local_crops (S n b, h, h, 3) (uint8, normalised here,
+or already normalised float32), masks (S 2b, N) bool,
 mask_indices / mask_weights / mask_valid (S M,): per shard, indices into that shard's flattened
 (2b N) patch tokens, padded to M. Every device works on its own images: the iBOT tokens are gathered
 per shard, Meta's batch-subset stochastic depth draws per shard, and KoLeo is per shard by default
 (Meta: per GPU); only the losses that pair crops of an image read the batch crop-major, through a
 view that moves no data. With S = 1 this is exactly Meta's single-GPU layout.
+
+The metrics stay on the device (replicated scalars); the loop fetches them when it logs. Besides
+the loss terms they include the health metrics of `dinov2_jax/health.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dinov2_jax import losses, optim
+from dinov2_jax import health, losses, optim
 from dinov2_jax.data import layout
+from dinov2_jax.data.augment import imagenet_normalize
 from dinov2_jax.schedules import values_at
 from dinov2_jax.train.state import SSLArch, TrainState, merge
 
@@ -64,6 +69,20 @@ def _koleo(cls: jax.Array, n_shards: int, per_shard: bool) -> jax.Array:
   return sum(losses.koleo_loss(c) for c in layout.crop_major_view(cls, n_shards, 2))
 
 
+def _normalized(crops: jax.Array) -> jax.Array:
+  """Crops as the backbone takes them: uint8 crops (4x less to transfer) are normalised here."""
+  return imagenet_normalize(crops) if crops.dtype == jnp.uint8 else crops
+
+
+def _health_metrics(dino_targets, ibot_targets, mask_valid, student_entropy, teacher_cls) -> dict[str, jax.Array]:
+  """dinov2_jax/health.py's metrics, from values the step has anyway (a few reductions)."""
+  out = {f"dino_{k}": v for k, v in health.target_metrics(dino_targets).items()}
+  out.update({f"ibot_{k}": v for k, v in health.target_metrics(ibot_targets, mask_valid).items()})
+  out["dino_student_entropy"] = student_entropy
+  out["cls_mean_cosine"] = health.mean_pairwise_cosine(teacher_cls)
+  return out
+
+
 def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1):
   """Returns `train_step(state, batch, tables) -> (state, metrics)`; `tables` from `TrainSchedules.tables()`.
 
@@ -73,8 +92,8 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
   def train_step(state: TrainState, batch: dict[str, jax.Array], tables: dict[str, jax.Array]):
     sched = values_at(tables, state.step)
     temp = sched["teacher_temp"]
-    global_crops, masks = batch["global_crops"], batch["masks"]
-    local_crops = batch["local_crops"] if arch.n_local_crops else None
+    global_crops, masks = _normalized(batch["global_crops"]), batch["masks"]
+    local_crops = _normalized(batch["local_crops"]) if arch.n_local_crops else None
     indices, weights, valid = batch["mask_indices"], batch["mask_weights"], batch["mask_valid"]
     n_global = global_crops.shape[0]
     crop_major = lambda x, n_crops: layout.crop_major_view(x, n_shards, n_crops)  # noqa: E731
@@ -110,9 +129,10 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
           "koleo_loss": arch.koleo_loss_weight * koleo,
           "ibot_loss": arch.ibot_loss_weight * ibot,
       }
-      return sum(terms.values()), terms
+      student_entropy = health.softmax_entropy(jax.lax.stop_gradient(s_global_logits), arch.student_temp)
+      return sum(terms.values()), (terms, student_entropy)
 
-    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    (total, (terms, student_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
 
     # Inject this step's schedule values (read from the tables, not baked into the program).
     hyper = state.opt_state.hyperparams
@@ -126,7 +146,8 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
 
     metrics = {**terms, "total_loss": total, **{f"grad_norm/{k}": v for k, v in optim.submodule_grad_norms(grads).items()},
                "lr": sched["lr"], "wd": sched["wd"], "last_layer_lr": sched["last_layer_lr"],
-               "momentum": m, "teacher_temp": temp, "n_masked_tokens": jnp.sum(valid)}
+               "momentum": m, "teacher_temp": temp, "n_masked_tokens": jnp.sum(valid),
+               **_health_metrics(dino_targets, ibot_targets, valid, student_entropy, t_out["x_norm_clstoken"])}
     new_state = state.replace(step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state,
                               dino_center=dino_center, ibot_center=ibot_center, rng=rng)
     return new_state, metrics

@@ -10,6 +10,8 @@ the teacher export gathers the sharded parameters before process 0 writes them.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dinov2_jax import api, cpu_tuning, schedules
+from dinov2_jax import api, cpu_tuning, health, schedules
 from dinov2_jax.models.vit import check_patch_multiple
 from dinov2_jax.train import sharding
 from dinov2_jax.train.checkpointing import Checkpointer, abstract_with_shardings
@@ -140,8 +142,9 @@ def initial_state(config, tx, state_shardings) -> TrainState:
 class MetricsLogger:
   """Terminal lines, a JSONL log and TensorBoard event files (tensorboardX), from process 0 only."""
 
-  def __init__(self, workdir: str, total: int, images_per_step: int):
+  def __init__(self, workdir: str, total: int, images_per_step: int, n_prototypes: int):
     self.total, self.images_per_step = total, images_per_step
+    self.log_k = math.log(n_prototypes)
     self.enabled = jax.process_index() == 0
     self._tb = None
     if self.enabled:
@@ -170,7 +173,8 @@ class MetricsLogger:
     eta = (self.total - step) / rate if rate and rate == rate else float("nan")
     eta_s = "?" if eta != eta else time.strftime("%H:%M:%S", time.gmtime(eta))
     print(f"step {step:>7}/{self.total}  loss {metrics['total_loss']:.4f} (dino {metrics['dino_local_crops_loss'] + metrics['dino_global_crops_loss']:.4f} "
-          f"ibot {metrics['ibot_loss']:.4f} koleo {metrics['koleo_loss']:.4f})  lr {metrics['lr']:.2e}  "
+          f"ibot {metrics['ibot_loss']:.4f} koleo {metrics['koleo_loss']:.4f})  teacher entropy "
+          f"{metrics['dino_teacher_entropy']:.2f}/{self.log_k:.2f}  lr {metrics['lr']:.2e}  "
           f"{record['images_per_s']:.1f} img/s  ETA {eta_s}", flush=True)
 
   def close(self):
@@ -323,7 +327,8 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
 
   if make_data_iterator is None:
     from dinov2_jax.data.pipeline import make_train_iterator_from_config
-    make_data_iterator = make_train_iterator_from_config
+    # uint8 crops: a quarter of the bytes to move; the step normalises them on the device.
+    make_data_iterator = functools.partial(make_train_iterator_from_config, normalize=False)
   data = make_data_iterator(config, arch.backbone_config.patch_size, start_step=start,
                             num_shards=feeder.num_shards, shards=feeder.shards)
   if data_state is not None:
@@ -333,38 +338,68 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
                     in_shardings=(state_shardings, feeder.sharding, sharding.replicated(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
-  logger = MetricsLogger(workdir, n_steps, config.batch_size)
+  logger = MetricsLogger(workdir, n_steps, config.batch_size, n_prototypes=config.dino.head_n_prototypes)
+  monitor = health.CollapseMonitor(config.dino.head_n_prototypes, n_steps)
   print(f"training {n_steps} steps from step {start} on {jax.device_count()} devices in "
         f"{jax.process_count()} process(es), mesh {dict(zip(mesh.axis_names, mesh.devices.shape))}, global "
         f"batch {config.batch_size}", flush=True)
 
+  # The loop never waits for the device on ordinary steps: metrics stay there until a log,
+  # checkpoint or callback step fetches all pending ones at once, and the next batch is read and
+  # sent to the devices while the current step runs.
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_metrics: dict[str, float] = {}
+
+  def fetch_pending() -> None:
+    """Fetches the pending metrics; raises at the first non-finite step (nothing after it is saved)."""
+    nonlocal last_metrics
+    for done_step, values in zip([s for s, _ in pending], jax.device_get([m for _, m in pending])):
+      values = {k: float(v) for k, v in values.items()}
+      bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+      if bad:
+        checkpointer.wait()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {done_step - 1} ({', '.join(bad)}): {values}. The run stopped without "
+            f"saving; the last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
+            "Lower config.optim.base_lr, check the data, or use config.compute_dtype='float32'.")
+      last_metrics = values
+      if on_step is not None:
+        on_step(done_step, values)
+    pending.clear()
+
   step = start
+  batches = DeviceBatches(data, feeder)
   with PreemptionNotice() as preemption:
     while step < n_steps:
-      batch = next(data)
-      state, metrics = step_fn(state, feeder({k: batch[k] for k in STEP_KEYS}), tables)
+      batch, data_state = batches.next()
+      state, metrics = step_fn(state, batch, tables)
       step += 1
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(metrics["total_loss"]):
-        checkpointer.wait()
-        good = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step - 1}: {metrics}. The run stopped without saving; the last good "
-            f"checkpoint is step {good} in {checkpointer.directory}. Lower config.optim.base_lr, check the "
-            "data, or use config.compute_dtype='float32'.")
-      last_metrics = metrics
-      if on_step is not None:
-        on_step(step, metrics)
-      if step % config.log_every_steps == 0 or step == n_steps or step == start + 1:
-        logger.log(step, metrics)
+      pending.append((step, metrics))
+      log_now = step % config.log_every_steps == 0 or step == n_steps or step == start + 1
+      save_now = step % config.checkpoint_every_steps == 0 or step == n_steps
+      if log_now or save_now or on_step is not None:
+        fetch_pending()
       preempted = preemption.reached(step)
-      if step % config.checkpoint_every_steps == 0 or step == n_steps or preempted:
-        checkpointer.save(step, state, data.get_state(), force=True)
+      if preempted:
+        fetch_pending()
+        save_now = True
+      if log_now:
+        logger.log(step, last_metrics)
+        for collapse in monitor.check(step, last_metrics):
+          if jax.process_index() == 0:
+            print(f"WARNING: {collapse.message}", flush=True)
+          if config.health.stop_on_collapse:
+            checkpointer.save(step, state, data_state, force=True)
+            checkpointer.wait()
+            raise health.CollapseError(f"{collapse.message}\nStopped (config.health.stop_on_collapse); "
+                                       f"checkpoint of step {step} in {checkpointer.directory}.")
+      if save_now:
+        checkpointer.save(step, state, data_state, force=True)
       if preempted:
         checkpointer.wait()
         print(f"preemption notice (SIGTERM): checkpoint of step {step} written, stopping", flush=True)
         break
+  batches.close()
   checkpointer.wait()
   logger.close()
   result = {"step": step, "metrics": last_metrics, "state": state, "arch": arch, "workdir": workdir}
@@ -372,6 +407,31 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
     result["exports"] = export_teacher(state, arch, workdir)
   checkpointer.close()
   return result
+
+
+class DeviceBatches:
+  """Batches already on their devices, `depth` steps ahead of the step that consumes them.
+
+  `next()` returns (batch, the input pipeline's state right after that batch), so a checkpoint
+  saved after the step resumes at the following batch however far the prefetch has read.
+  """
+
+  def __init__(self, data, feeder: ShardFeeder, depth: int = 1):
+    self._data, self._feeder, self._depth = data, feeder, depth
+    self._queue: collections.deque = collections.deque()
+
+  def _read_one(self) -> None:
+    batch = next(self._data)
+    # `device_put` returns at once: the copy overlaps with the step already running.
+    self._queue.append((self._feeder({k: batch[k] for k in STEP_KEYS}), self._data.get_state()))
+
+  def next(self):
+    while len(self._queue) <= self._depth:
+      self._read_one()
+    return self._queue.popleft()
+
+  def close(self) -> None:
+    self._queue.clear()
 
 
 def teacher_backbone(state: TrainState, arch) -> api.Backbone:
