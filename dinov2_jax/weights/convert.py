@@ -104,6 +104,34 @@ def params_to_meta(params: Mapping, head_nlayers: int | None = None) -> dict[str
           for path, v in flatten_params(params).items()}
 
 
+BACKBONE_HINT = ("Check the architecture overrides (embed_dim, depth, num_heads, ffn_layer, num_register_tokens, "
+                 "patch_size, img_size) or that the file is the model you meant.")
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], *, strict: bool = True,
+                     what: str = "backbone", hint: str = BACKBONE_HINT) -> None:
+  """Compares a state dict with the names and (PyTorch-layout) shapes a model expects.
+
+  Strict: every missing key, unexpected key and shape mismatch is listed in one `CheckpointError`.
+  Non-strict: missing and unexpected keys are allowed (shape mismatches still fail), which is how
+  Meta's own loaders behave minus their silent shape mismatches.
+  """
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(expected))
+  mismatched = [f"{name}: file {tuple(np.shape(state_dict[name]))}, model expects {tuple(shape)}"
+                for name, shape in expected.items()
+                if name in state_dict and tuple(np.shape(state_dict[name])) != tuple(shape)]
+  problems = []
+  if mismatched:
+    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+  if strict and missing:
+    problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+  if strict and unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+  if problems:
+    raise CheckpointError(f"the weights do not match the {what} architecture:\n" + "\n".join(problems) + "\n" + hint)
+
+
 def meta_to_params(
     state_dict: Mapping[str, np.ndarray],
     template: Mapping,
@@ -114,38 +142,21 @@ def meta_to_params(
 ) -> dict:
   """Fills a nested params template (arrays or ShapeDtypeStructs) from a Meta-keyed state dict.
 
-  Strict: every missing key, unexpected key and shape mismatch is listed in one error.
-  Non-strict: missing and unexpected keys are skipped (shape mismatches still fail), which is
-  how Meta's own evaluation loader behaves minus its silent shape mismatches.
+  Names, shapes and strictness are checked by `check_state_dict`; tensors absent from a non-strict
+  load keep the template's values.
   """
   flat = flatten_params(template)
   by_name = {meta_name(path, head_nlayers): path for path in flat}
-  missing = sorted(set(by_name) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(by_name))
-  mismatched, out = [], {}
+  # (a zero-memory broadcast stands in for each tensor: only its layout-converted shape is needed)
+  expected = {name: _to_torch_layout(path, np.broadcast_to(np.int8(0), flat[path].shape)).shape
+              for name, path in by_name.items()}
+  check_state_dict(state_dict, expected, strict=strict, what=what)
+  out = {}
   for name, path in by_name.items():
-    if name not in state_dict:
+    if name in state_dict:
+      out[path] = _from_torch_layout(path, np.asarray(state_dict[name])).astype(flat[path].dtype)
+    else:
       out[path] = flat[path]
-      continue
-    array = _from_torch_layout(path, np.asarray(state_dict[name]))
-    want = tuple(flat[path].shape)
-    if array.shape != want:
-      mismatched.append(f"{name}: file {tuple(np.asarray(state_dict[name]).shape)}, model expects "
-                        f"{tuple(_to_torch_layout(path, np.zeros(want, np.int8)).shape)}")
-      continue
-    out[path] = array.astype(flat[path].dtype)
-  problems = []
-  if mismatched:
-    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
-  if strict and missing:
-    problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-  if strict and unexpected:
-    problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-  if problems:
-    raise CheckpointError(
-        f"the weights do not match the {what} architecture:\n" + "\n".join(problems)
-        + "\nCheck the architecture overrides (embed_dim, depth, num_heads, ffn_layer, num_register_tokens, "
-        "patch_size, img_size) or that the file is the model you meant.")
   return unflatten_params(out)
 
 
