@@ -9,6 +9,7 @@ from dinov2_jax.api import (
     load_backbone,
     load_classifier,
 )
+from dinov2_jax.dense import Depther, Segmenter, load_depther, load_segmenter
 from dinov2_jax.models.dino_head import DINOHead
 from dinov2_jax.models.vit import PRESETS, DinoVisionTransformer, ViTConfig, create_backbone, preset
 from dinov2_jax.weights.torch_format import CheckpointError, UnsafeCheckpointError

@@ -105,6 +105,24 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
       "Meta hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers Dinov2 state dict.")
 
 
+def read_head_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a dense-prediction head file (Meta's `*_head.pth`): its flat state dict, keys as stored.
+
+  Meta's depth and segmentation heads are mmcv checkpoints, `{"state_dict": {...}, "meta": {...}}`;
+  the metadata (numbers and strings) is dropped. A bare state dict is accepted too. DDP's `module.`
+  prefixes are removed.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file")
+  obj = load_safetensors(path)[0] if _is_safetensors(path) else load_pth(path)
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+  if isinstance(obj.get("state_dict"), Mapping):
+    obj = obj["state_dict"]
+  return {k.replace("module.", ""): v for k, v in _check_flat(obj, path).items()}
+
+
 def write_state_dict(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
   """Writes a (nested for .pth) state dict; the format comes from the extension (.pth or .safetensors)."""
   path = os.fspath(path)
