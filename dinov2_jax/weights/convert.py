@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_jax.models.dinov3_vit import DINOv3Config
 from dinov2_jax.models.vit import ViTConfig
+from dinov2_jax.weights import convert_dinov3
 from dinov2_jax.weights.torch_format import CheckpointError
 
 HEAD_DIM = 64  # Every Meta DINOv2 model uses 64-dimensional attention heads.
@@ -222,11 +224,14 @@ def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
 
 
 def hf_to_meta(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A `transformers` Dinov2Model / Dinov2WithRegistersModel state dict -> Meta's backbone keys.
+  """A `transformers` Dinov2Model / Dinov2WithRegistersModel / DINOv3ViTModel state dict -> Meta's keys.
 
-  Accepts the older names (`attention.attention.query`, `mlp.weights_in`) and the newer ones
-  (`attention.q_proj`, `mlp.gate_proj`/`up_proj`), with or without the `dinov2.` prefix.
+  Accepts Dinov2's older names (`attention.attention.query`, `mlp.weights_in`) and newer ones
+  (`attention.q_proj`, `mlp.gate_proj`/`up_proj`), with or without the `dinov2.` prefix. DINOv3 state
+  dicts go to `convert_dinov3.hf_dinov3_to_meta`.
   """
+  if convert_dinov3.is_hf_dinov3_state_dict(state_dict):
+    return convert_dinov3.hf_dinov3_to_meta(state_dict)
   out: dict[str, np.ndarray] = {}
   qkv: dict[tuple, dict[str, np.ndarray]] = {}
   gate_up: dict[tuple, dict[str, np.ndarray]] = {}
@@ -253,7 +258,9 @@ def hf_to_meta(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def meta_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Meta backbone keys -> current `transformers` Dinov2 names (used by tests and the converter)."""
+  """Meta backbone keys -> current `transformers` Dinov2 (or DINOv3ViT) names (tests and the converter)."""
+  if convert_dinov3.is_dinov3_state_dict(state_dict):
+    return convert_dinov3.meta_dinov3_to_hf(state_dict)
   out = {}
   simple = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
             "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens"}
@@ -287,12 +294,20 @@ def meta_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # Architecture inference.
 
 
-def infer_backbone_config(state_dict: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig:
-  """Reads a backbone's architecture from Meta-keyed tensor shapes (head dim 64, as all Meta models).
+def backbone_config_class(state_dict: Mapping[str, Any]) -> type:
+  """`DINOv3Config` for Meta-keyed DINOv3 state dicts (no learned position embedding), else `ViTConfig`."""
+  return DINOv3Config if convert_dinov3.is_dinov3_state_dict(state_dict) else ViTConfig
+
+
+def infer_backbone_config(state_dict: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig | DINOv3Config:
+  """Reads a backbone's architecture from Meta-keyed tensor shapes (head dim 64, as all Meta DINOv2 models).
 
   Fields that shapes cannot tell follow Meta's hub convention: register models use antialiased
-  resampling without offset, the others the 0.1 offset. Every field can be overridden.
+  resampling without offset, the others the 0.1 offset. Every field can be overridden. DINOv3 state
+  dicts are read by `convert_dinov3.infer_dinov3_config`.
   """
+  if backbone_config_class(state_dict) is DINOv3Config:
+    return convert_dinov3.infer_dinov3_config(state_dict, **overrides)
   required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight")
   absent = [k for k in required if k not in state_dict]
   if absent:

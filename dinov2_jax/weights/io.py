@@ -5,7 +5,9 @@ Supported inputs (detected from the content, not only the name):
 - Meta training checkpoints `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}` (block keys
   possibly chunked as `blocks.{chunk}.{i}.*`);
 - Meta linear classifier heads `*_linear_head.pth` / `*_linear4_head.pth` (`{"weight", "bias"}`);
-- Hugging Face `transformers` Dinov2 / Dinov2WithRegisters state dicts (`.safetensors` or `.bin`);
+- Hugging Face `transformers` Dinov2 / Dinov2WithRegisters / DINOv3ViT state dicts (`.safetensors` or
+  `.bin`; for DINOv3 the `config.json` beside the file gives the head count and the RoPE base);
+- Meta DINOv3 backbones `dinov3_vit*16*_pretrain_*.pth` (flat, Meta keys, RoPE periods included);
 - our own `.safetensors` exports (Meta keys, with the architecture in the header metadata).
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_jax.weights import convert
+from dinov2_jax.weights import convert, convert_dinov3
 from dinov2_jax.weights.safetensors_format import load_safetensors, save_safetensors
 from dinov2_jax.weights.torch_format import CheckpointError, load_pth, save_pth
 
@@ -34,10 +36,11 @@ class WeightsFile:
 
   Attributes:
     kind: "backbone", "training_checkpoint", "huggingface" or "linear_head".
-    backbone: flat Meta-keyed backbone state dict (unchunked), or None.
+    backbone: flat Meta-keyed backbone state dict (unchunked; DINOv2 or DINOv3), or None.
     heads: Meta-keyed head state dicts by name ("dino_head", "ibot_head").
     linear_head: `{"weight": (classes, in), "bias": (classes,)}` for classifier heads, or None.
-    config: backbone fields stored in our own exports' metadata (may be empty).
+    config: backbone fields stored in our own exports' metadata, or read from a transformers
+      config.json (may be empty).
   """
 
   kind: str
@@ -60,6 +63,17 @@ def _check_flat(tree: Mapping, path: str) -> dict[str, np.ndarray]:
   if bad:
     raise CheckpointError(f"{path}: expected a flat state dict of tensors, but {bad[:5]} are not tensors")
   return dict(tree)
+
+
+def _sibling_hf_config(path: str) -> dict[str, Any]:
+  """The transformers `config.json` next to a weights file (as in a downloaded model folder), or {}."""
+  config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return config if isinstance(config, dict) else {}
 
 
 def read_weights(path: str | os.PathLike) -> WeightsFile:
@@ -93,6 +107,9 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
   if set(flat) == {"weight", "bias"} and flat["weight"].ndim == 2:
     return WeightsFile("linear_head", linear_head=flat)
   if convert.is_hf_state_dict(flat):
+    hf_config = _sibling_hf_config(path)
+    if hf_config.get("model_type") == "dinov3_vit":  # head count and RoPE base are in no tensor
+      config = {**convert_dinov3.hf_config_fields(hf_config), **config}
     return WeightsFile("huggingface", convert.hf_to_meta(flat), config=config)
   if any(k.startswith(("backbone.", "module.backbone.")) for k in flat):
     groups = convert.split_submodules(flat)
@@ -102,7 +119,8 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     return WeightsFile("backbone", convert.unchunk_block_keys(flat), config=config)
   raise CheckpointError(
       f"{path}: not a recognised DINOv2 weights file (first keys: {', '.join(list(flat)[:6])}). Expected a "
-      "Meta hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers Dinov2 state dict.")
+      "Meta DINOv2/DINOv3 hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers "
+      "Dinov2/DINOv3ViT state dict.")
 
 
 def read_head_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
