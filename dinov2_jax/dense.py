@@ -76,9 +76,13 @@ def _evenly_spaced_blocks(depth: int, n: int) -> tuple[int, ...]:
 
 
 def _head_tensors(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Meta's files hold `decode_head.*` keys (the head inside its EncoderDecoder); a bare head is fine too."""
+  """Meta's files hold `decode_head.*` keys (the head inside its EncoderDecoder); a bare head is fine too.
+
+  A whole model's state dict (`backbone.*` as well, as `depther.state_dict()` writes it) is accepted:
+  the backbone comes from the backbone file, so its tensors here are left out.
+  """
   if any(k.startswith(PREFIX) for k in state_dict):
-    return dict(state_dict)
+    return {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
   return {PREFIX + k: v for k, v in state_dict.items()}
 
 

@@ -237,8 +237,11 @@ def perturb(module: nn.Module, seed: int, scale: float = 0.05) -> nn.Module:
   return module.eval()
 
 
-def save_head(head: nn.Module, path) -> None:
-  """Writes a head as Meta's released files are: an mmcv checkpoint of the EncoderDecoder's head."""
+def save_head(head: nn.Module, path, backbone: nn.Module | None = None) -> None:
+  """Writes a head as Meta's released files are: an mmcv checkpoint of the EncoderDecoder's head
+  (with a backbone: of the whole model, `backbone.*` keys too, as `depther.state_dict()` has them)."""
   state = {f"decode_head.{k}": v for k, v in head.state_dict().items()}
+  if backbone is not None:
+    state.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
   meta = {"mmcv_version": "1.7.1", "iter": np.int64(40000), "best_score": np.float64(0.4125), "CLASSES": ("a", "b")}
   torch.save({"state_dict": state, "meta": meta}, path)

@@ -46,7 +46,7 @@ def test_linear_depth_heads(depth_setup, layers):
   tmp, model, images = depth_setup
   head = ref_dense.perturb(ref_dense.LinearDepthHead(2 * DIM * layers), seed=layers)
   path = tmp / f"dinov2_vits14_nyu_linear{'4' if layers == 4 else ''}_head.pth"
-  ref_dense.save_head(head, path)
+  ref_dense.save_head(head, path, backbone=model if layers == 4 else None)  # a whole-model state dict is fine
   depther = dinov2_jax.load_depther(tmp / "backbone.bin", path)
   blocks = (2, 5, 8, 11) if layers == 4 else (DEPTH - 1,)
   cfg = depther.head_config
