@@ -35,6 +35,17 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
   return x.permute(0, 2, 3, 1).numpy()
 
 
+@pytest.mark.parametrize("kwargs", [dict(size=(20, 33)), dict(size=(3, 4)), dict(size=(11, 13), align_corners=True),
+                                    dict(scale_factor=2, align_corners=True), dict(scale_factor=2), dict(size=(5, 7))])
+def test_bilinear_resize_matches_torch(kwargs):
+  from dinov2_jax.models.interpolate import resize_bilinear
+  x = torch.randn(2, 3, 5, 7)
+  expected = torch.nn.functional.interpolate(x, mode="bilinear", **{"align_corners": False, **kwargs})
+  got = resize_bilinear(_nhwc(x), kwargs.get("size"), scale_factor=kwargs.get("scale_factor"),
+                        align_corners=kwargs.get("align_corners", False))
+  np.testing.assert_allclose(np.asarray(got), _nhwc(expected), atol=1e-6)
+
+
 def test_center_pad_matches_meta():
   x = torch.randn(1, 3, 15, 20)
   np.testing.assert_array_equal(np.asarray(center_pad(_nhwc(x), 14)), _nhwc(ref_dense.center_pad(x, 14)))

@@ -24,7 +24,7 @@ import numpy as np
 
 @functools.lru_cache(maxsize=512)
 def bilinear_weights(in_size: int, out_size: int, align_corners: bool, scale_factor: float | None = None) -> np.ndarray:
-  """(out_size, in_size) float64 matrix reproducing torch's 1-D bilinear (linear) resampling.
+  """(out_size, in_size) matrix reproducing torch's 1-D bilinear (linear) resampling.
 
   Args:
     in_size, out_size: source and target lengths.
@@ -32,17 +32,19 @@ def bilinear_weights(in_size: int, out_size: int, align_corners: bool, scale_fac
     scale_factor: the scale factor given to `F.interpolate`, if any; with `align_corners=False`
       torch samples with its reciprocal instead of `in_size / out_size`.
   """
+  # Float32 arithmetic, as torch's CPU kernel computes the sampling positions of float32 maps.
+  f32 = np.float32
   if align_corners:
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0.0)
   else:
-    scale = 1.0 / scale_factor if scale_factor else in_size / out_size
+    scale = f32(1.0) / f32(scale_factor) if scale_factor else f32(in_size) / f32(out_size)
   weights = np.zeros((out_size, in_size), np.float64)
   for i in range(out_size):
-    src = scale * i if align_corners else max(scale * (i + 0.5) - 0.5, 0.0)
+    src = scale * f32(i) if align_corners else max(scale * (f32(i) + f32(0.5)) - f32(0.5), f32(0.0))
     i0 = min(int(src), in_size - 1)
     i1 = min(i0 + 1, in_size - 1)
-    frac = src - i0
-    weights[i, i0] += 1.0 - frac
+    frac = src - f32(i0)
+    weights[i, i0] += f32(1.0) - frac
     weights[i, i1] += frac
   return weights
 
