@@ -191,6 +191,7 @@ def depth_head_config(state_dict: Mapping[str, np.ndarray], embed_dim: int, dept
 def _depth_head_shapes(state_dict, cfg: DepthHeadConfig, embed_dim: int) -> dict[str, tuple]:
   if cfg.kind == "linear":
     return dense_heads.linear_depth_head_shapes(embed_dim, len(cfg.out_index), cfg.n_bins)
+
   def width(name: str, default: int) -> int:  # read from the file; a missing tensor is reported later
     return int(state_dict[PREFIX + name].shape[0]) if PREFIX + name in state_dict else default
 

@@ -68,6 +68,18 @@ def test_matches_transformers_at_224_and_non_square(tmp_path, mlp_model):
     np.testing.assert_array_equal(np.asarray(backbone(x)), np.asarray(ours["x_norm_clstoken"]))
 
 
+def test_transformers_model_folders_plain_and_sharded(tmp_path, swiglu_model):
+  x = _images(160, 240, seed=12)
+  expected = ref.hf_dinov3_forward(swiglu_model, x)[0]
+  swiglu_model.save_pretrained(tmp_path / "folder")
+  swiglu_model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")  # like the 7B's 6 shards
+  assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+  for folder in ("folder", "sharded"):
+    backbone = dinov2_jax.load_backbone(tmp_path / folder)
+    assert backbone.config.num_heads == 4  # from the folder's config.json
+    _assert_close(backbone.forward_features(x), expected, folder)
+
+
 def test_swiglu_model_and_head_count_from_config_json(tmp_path, swiglu_model):
   path = _save_hf(swiglu_model, tmp_path / "hf")
   backbone = dinov2_jax.load_backbone(path)

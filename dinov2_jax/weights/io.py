@@ -66,8 +66,9 @@ def _check_flat(tree: Mapping, path: str) -> dict[str, np.ndarray]:
 
 
 def _sibling_hf_config(path: str) -> dict[str, Any]:
-  """The transformers `config.json` next to a weights file (as in a downloaded model folder), or {}."""
-  config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  """The transformers `config.json` of a model folder / next to a weights file, or {}."""
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  config_path = os.path.join(folder, "config.json")
   try:
     with open(config_path, encoding="utf-8") as f:
       config = json.load(f)
@@ -76,16 +77,45 @@ def _sibling_hf_config(path: str) -> dict[str, Any]:
   return config if isinstance(config, dict) else {}
 
 
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
+_FOLDER_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _weight_files(path: str) -> list[str]:
+  """A file, or the weights of a transformers model folder (one file, or the shards of its index)."""
+  if not os.path.isdir(path):
+    return [path]
+  for name in _FOLDER_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return [os.path.join(path, name)]
+  for name in _FOLDER_INDEXES:
+    if os.path.isfile(os.path.join(path, name)):
+      with open(os.path.join(path, name), encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(path, shard) for shard in shards]
+  raise CheckpointError(f"{path}: a folder without {' or '.join(_FOLDER_FILES + _FOLDER_INDEXES)}; "
+                        "pass the weights file itself")
+
+
+def _load_any(path: str) -> tuple[Any, dict[str, str]]:
+  if _is_safetensors(path):
+    return load_safetensors(path)
+  return load_pth(path), {}
+
+
 def read_weights(path: str | os.PathLike) -> WeightsFile:
-  """Reads and classifies a weights file. Raises `CheckpointError` with the reason and a fix."""
+  """Reads and classifies a weights file (or a transformers model folder, sharded or not).
+
+  Raises `CheckpointError` with the reason and a fix.
+  """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
-  metadata: dict[str, str] = {}
-  if _is_safetensors(path):
-    obj, metadata = load_safetensors(path)
-  else:
-    obj = load_pth(path)
+  files = _weight_files(path)
+  obj, metadata = _load_any(files[0])
+  for shard in files[1:]:  # a sharded transformers checkpoint: flat state dicts, merged
+    obj = {**_check_flat(obj, path), **_check_flat(_load_any(shard)[0], shard)}
+  path = files[0] if len(files) == 1 else path
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
   config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else {}
