@@ -189,8 +189,8 @@ def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: 
   Args:
     path: a Meta hub backbone (`dinov2_vitb14_pretrain.pth`, `dinov3_vits16_pretrain_lvd1689m-*.pth`),
       a Meta DINOv2 teacher checkpoint (`{"teacher": ...}`), a `transformers` Dinov2 / DINOv3ViT state
-      dict (`.safetensors`/`.bin`; a `config.json` beside it is read for DINOv3's head count), or one
-      of our exports. Pickles are read without executing code.
+      dict (`.safetensors`/`.bin`, or the model folder, sharded or not; its `config.json` is read for
+      DINOv3's head count), or one of our exports. Pickles are read without executing code.
     strict: fail on missing or unexpected keys (shape mismatches always fail).
     **overrides: `ViTConfig` / `DINOv3Config` fields replacing the inferred ones, e.g.
       `interpolate_offset=0.0`, `dtype="bfloat16"`, `num_heads=...`.
