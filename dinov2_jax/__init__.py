@@ -1,4 +1,4 @@
-"""DINOv2 in JAX/Flax: Meta's self-supervised Vision Transformers, trainable, importable and exportable."""
+"""DINOv2 in JAX/Flax: Meta's self-supervised Vision Transformers (and DINOv3 backbones), trainable, importable and exportable."""
 
 from dinov2_jax.api import (
     Backbone,
@@ -9,8 +9,11 @@ from dinov2_jax.api import (
     load_backbone,
     load_classifier,
 )
+from dinov2_jax.dense import Depther, Segmenter, load_depther, load_segmenter
 from dinov2_jax.models.dino_head import DINOHead
-from dinov2_jax.models.vit import PRESETS, DinoVisionTransformer, ViTConfig, create_backbone, preset
+from dinov2_jax.models.dinov3_vit import DINOv3Config, DinoV3VisionTransformer
+from dinov2_jax.models.hub import PRESETS, create_backbone, preset
+from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig
 from dinov2_jax.weights.torch_format import CheckpointError, UnsafeCheckpointError
 
 __version__ = "0.1.0"

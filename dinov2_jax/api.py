@@ -14,16 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dinov2_jax.models import hub
 from dinov2_jax.models.dino_head import DINOHead
-from dinov2_jax.models.vit import DinoVisionTransformer, ViTConfig, check_image_shape, create_backbone
-from dinov2_jax.weights import convert
+from dinov2_jax.models.dinov3_vit import Buffer, DINOv3Config
+from dinov2_jax.models.hub import BackboneConfig
+from dinov2_jax.models.vit import DinoVisionTransformer, check_image_shape
+from dinov2_jax.weights import convert, convert_dinov3
 from dinov2_jax.weights.io import CONFIG_METADATA_KEY, read_weights, write_state_dict
 from dinov2_jax.weights.torch_format import CheckpointError
 
 
-def _abstract_backbone(cfg: ViTConfig) -> DinoVisionTransformer:
+# What a backbone's state dict holds: its parameters and (DINOv3) buffers such as the RoPE periods.
+_STATE = (nnx.Param, Buffer)
+
+
+def _abstract_backbone(cfg: BackboneConfig):
   # Shapes only: loading real weights should not pay for a random initialisation first.
-  return nnx.eval_shape(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: hub.build(cfg, nnx.Rngs(0)))
 
 
 def _fill(abstract_module: nnx.Module, params: Mapping) -> nnx.Module:
@@ -46,20 +53,20 @@ def _apply(graphdef, state, images, masks, *, method: str, options: tuple):
 
 
 class Backbone:
-  """A DINOv2 backbone with its weights, ready to call.
+  """A DINOv2 or DINOv3 backbone with its weights, ready to call.
 
   Attributes:
-    config: the `ViTConfig`.
-    module: the Flax NNX `DinoVisionTransformer` (stateful object).
+    config: the `ViTConfig` (DINOv2) or `DINOv3Config`.
+    module: the Flax NNX `DinoVisionTransformer` or `DinoV3VisionTransformer` (stateful object).
     graphdef, params: `nnx.split(module)`, for functional use (`Backbone.apply`, jit, sharding).
 
   All methods take NHWC float32 images (B, H, W, 3) normalised with the ImageNet mean/std, H and W
   multiples of the patch size, and return jax arrays. Calls are jit-compiled once per input shape.
   """
 
-  def __init__(self, module: DinoVisionTransformer):
+  def __init__(self, module):
     self.module = module
-    self.config: ViTConfig = module.cfg
+    self.config: BackboneConfig = module.cfg
     self.graphdef, self.params = nnx.split(module)
 
   def _run(self, method, images, masks=None, **options):
@@ -70,7 +77,8 @@ class Backbone:
 
   def forward_features(self, images, masks=None) -> dict[str, jax.Array]:
     """Meta's `forward_features`: `x_norm_clstoken` (B,D), `x_norm_regtokens` (B,R,D),
-    `x_norm_patchtokens` (B,h*w,D), `x_prenorm` (B,1+R+h*w,D), `masks`."""
+    `x_norm_patchtokens` (B,h*w,D), `x_prenorm` (B,1+R+h*w,D), `masks`; DINOv3 also gives its
+    storage tokens as `x_storage_tokens` (= `x_norm_regtokens`)."""
     masks = None if masks is None else jnp.asarray(masks, bool)
     return self._run("forward_features", images, masks)
 
@@ -90,7 +98,7 @@ class Backbone:
     return getattr(nnx.merge(graphdef, params), method)(images, **kwargs)
 
   def state_dict(self, block_chunks: int = 0) -> dict[str, np.ndarray]:
-    """Meta-format state dict (`strict=True`-loadable by Meta's `DinoVisionTransformer`)."""
+    """Meta-format state dict (`strict=True`-loadable by Meta's `DinoVisionTransformer` of dinov2 or dinov3)."""
     return backbone_state_dict(self.module, block_chunks=block_chunks)
 
   def save(self, path: str | os.PathLike, block_chunks: int = 0) -> None:
@@ -98,9 +106,9 @@ class Backbone:
     write_state_dict(self.state_dict(block_chunks), path, _config_metadata(self.config))
 
 
-def backbone_state_dict(module: DinoVisionTransformer, block_chunks: int = 0) -> dict[str, np.ndarray]:
-  """A backbone module's parameters as Meta's flat state dict (numpy, PyTorch layouts)."""
-  params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+def backbone_state_dict(module, block_chunks: int = 0) -> dict[str, np.ndarray]:
+  """A backbone module's parameters (and buffers) as Meta's flat state dict (numpy, PyTorch layouts)."""
+  params = nnx.to_pure_dict(nnx.state(module, _STATE))
   sd = convert.params_to_meta(jax.device_get(params))
   return convert.chunk_block_keys(sd, module.cfg.depth, block_chunks)
 
@@ -111,18 +119,21 @@ def head_state_dict(head: DINOHead) -> dict[str, np.ndarray]:
   return convert.params_to_meta(params, head_nlayers=len(head.mlp))
 
 
-def _config_metadata(cfg: ViTConfig) -> dict[str, str]:
+def _config_metadata(cfg: BackboneConfig) -> dict[str, str]:
   return {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(cfg))}
 
 
 def backbone_from_state_dict(state_dict: Mapping[str, np.ndarray], *, strict: bool = True,
                              stored_config: Mapping[str, Any] | None = None, **overrides) -> Backbone:
-  """Builds a `Backbone` from a Meta-keyed (unchunked) state dict, inferring the architecture."""
-  fields = {k: v for k, v in (stored_config or {}).items() if k in ViTConfig.__dataclass_fields__}
+  """Builds a `Backbone` from a Meta-keyed (unchunked) DINOv2 or DINOv3 state dict, inferring the architecture."""
+  known = convert.backbone_config_class(state_dict).__dataclass_fields__
+  fields = {k: v for k, v in (stored_config or {}).items() if k in known}
   cfg = convert.infer_backbone_config(state_dict, **{**fields, **overrides})
+  if isinstance(cfg, DINOv3Config):  # transformers files hold no RoPE periods
+    state_dict = convert_dinov3.with_rope_periods(state_dict, cfg)
   # Non-strict loads keep Meta's initialisation for absent tensors, so they need a real init.
-  module = _abstract_backbone(cfg) if strict else create_backbone(cfg)
-  template = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  module = _abstract_backbone(cfg) if strict else hub.create_backbone(cfg)
+  template = nnx.to_pure_dict(nnx.state(module, _STATE))
   params = convert.meta_to_params(state_dict, template, strict=strict)
   return Backbone(_fill(module, params))
 
@@ -173,15 +184,16 @@ def save_training_checkpoint(path: str | os.PathLike, backbone: Backbone | DinoV
 
 
 def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: Any) -> Backbone:
-  """Loads a DINOv2 backbone from a weights file.
+  """Loads a DINOv2 or DINOv3 backbone from a weights file.
 
   Args:
-    path: a Meta hub backbone (`dinov2_vitb14_pretrain.pth`), a Meta teacher checkpoint
-      (`{"teacher": ...}`), a `transformers` Dinov2 state dict (`.safetensors`/`.bin`), or one of our
-      exports. Pickles are read without executing code.
+    path: a Meta hub backbone (`dinov2_vitb14_pretrain.pth`, `dinov3_vits16_pretrain_lvd1689m-*.pth`),
+      a Meta DINOv2 teacher checkpoint (`{"teacher": ...}`), a `transformers` Dinov2 / DINOv3ViT state
+      dict (`.safetensors`/`.bin`, or the model folder, sharded or not; its `config.json` is read for
+      DINOv3's head count), or one of our exports. Pickles are read without executing code.
     strict: fail on missing or unexpected keys (shape mismatches always fail).
-    **overrides: `ViTConfig` fields replacing the inferred ones, e.g. `interpolate_offset=0.0`,
-      `dtype="bfloat16"`, `num_heads=...`.
+    **overrides: `ViTConfig` / `DINOv3Config` fields replacing the inferred ones, e.g.
+      `interpolate_offset=0.0`, `dtype="bfloat16"`, `num_heads=...`.
 
   Returns:
     A `Backbone`.
@@ -196,8 +208,8 @@ def load_backbone(path: str | os.PathLike, *, strict: bool = True, **overrides: 
 
 
 def create_pretrained_like(name: str, seed: int = 0, **overrides) -> Backbone:
-  """A randomly initialised `Backbone` with a hub preset's architecture (e.g. "dinov2_vits14")."""
-  return Backbone(create_backbone(name, seed=seed, **overrides))
+  """A randomly initialised `Backbone` with a hub preset's architecture (e.g. "dinov2_vits14", "dinov3_vitb16")."""
+  return Backbone(hub.create_backbone(name, seed=seed, **overrides))
 
 
 class Classifier:

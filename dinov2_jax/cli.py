@@ -1,4 +1,4 @@
-"""The `dinov2-jax` command line: `convert` weights between formats, and run the feature `demo`."""
+"""The `dinov2-jax` command line: `convert` weights (DINOv2, DINOv3) between formats, and run the feature `demo`."""
 
 from __future__ import annotations
 
@@ -8,22 +8,27 @@ import os
 import sys
 
 CONVERT_HELP = """\
-Convert DINOv2 weights. The input kind is detected from its content:
+Convert DINOv2 and DINOv3 weights. The input kind is detected from its content:
   * Meta hub backbone          dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth
+  * Meta DINOv3 backbone       dinov3_vit{s16,s16plus,b16,l16,h16plus,7b16}_pretrain_*.pth
   * Meta teacher checkpoint    {"teacher": {backbone.*, dino_head.*, ibot_head.*}} (chunked blocks ok)
   * Meta linear head           dinov2_vit*14[_reg4]_linear[4]_head.pth
-  * transformers state dict    Dinov2 / Dinov2WithRegisters model.safetensors or pytorch_model.bin
+  * transformers state dict    Dinov2 / Dinov2WithRegisters / DINOv3ViT model.safetensors or
+                               pytorch_model.bin (DINOv3: the config.json beside it is read too)
   * an earlier export of this tool
 The output format comes from the extension: .pth (readable by torch.load(weights_only=True) and
 Meta's code with strict=True) or .safetensors. Every conversion goes through the JAX model, so
 the file is checked strictly (missing, unexpected and mis-shaped tensors are all reported).
-Pickled files are read without executing any code.
+Pickled files are read without executing any code. A DINOv3 backbone written with --layout hf
+gets a transformers config.json beside it (unless one is there already).
 
 examples:
   dinov2-jax convert dinov2_vitb14_pretrain.pth vitb14.safetensors
   dinov2-jax convert facebook-dinov2-small/model.safetensors dinov2_vits14.pth
   dinov2-jax convert teacher_checkpoint.pth backbone.pth --backbone-only
   dinov2-jax convert dinov2_vitb14_pretrain.pth hf_model.safetensors --layout hf
+  dinov2-jax convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth dinov3-vits16/model.safetensors --layout hf
+  dinov2-jax convert dinov3-vits16/model.safetensors dinov3_vits16.pth
 """
 
 
@@ -39,6 +44,7 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 def convert(args: argparse.Namespace) -> int:
   from dinov2_jax import api
+  from dinov2_jax.models.dinov3_vit import DINOv3Config
   from dinov2_jax.weights import convert as conv
   from dinov2_jax.weights.io import read_weights, write_state_dict
 
@@ -55,19 +61,38 @@ def convert(args: argparse.Namespace) -> int:
   heads = {} if args.backbone_only else {
       name: api.head_from_state_dict(sd, strict=strict) for name, sd in weights.heads.items()}
   cfg = backbone.config
-  print(f"{args.input}: {weights.kind.replace('_', ' ')}; backbone embed_dim={cfg.embed_dim} depth={cfg.depth} "
-        f"heads={cfg.num_heads} ffn={cfg.ffn_layer} registers={cfg.num_register_tokens} "
+  generation = "DINOv3" if isinstance(cfg, DINOv3Config) else "DINOv2"
+  print(f"{args.input}: {weights.kind.replace('_', ' ')}; {generation} backbone embed_dim={cfg.embed_dim} "
+        f"depth={cfg.depth} heads={cfg.num_heads} ffn={cfg.ffn_layer} registers={cfg.num_register_tokens} "
         f"img_size={cfg.img_size}" + (f"; heads: {', '.join(heads)}" if heads else ""))
   if args.layout == "hf":
     if heads:
       raise SystemExit("error: --layout hf writes a backbone only; add --backbone-only")
     write_state_dict(conv.meta_to_hf(backbone.state_dict()), args.output)
+    if isinstance(cfg, DINOv3Config):
+      _write_hf_config(cfg, args.output)
   elif heads:
     api.save_training_checkpoint(args.output, backbone, heads, block_chunks=args.block_chunks)
   else:
     backbone.save(args.output, block_chunks=args.block_chunks)
   print(f"wrote {args.output}")
   return 0
+
+
+def _write_hf_config(cfg, output: str) -> None:
+  """transformers needs the head count and RoPE base of a DINOv3 model, which no tensor holds."""
+  import json
+
+  from dinov2_jax.weights.convert_dinov3 import hf_dinov3_config
+
+  path = os.path.join(os.path.dirname(os.path.abspath(output)), "config.json")
+  if os.path.exists(path):
+    print(f"{path} exists; not overwritten (a DINOv3ViTConfig for these weights needs "
+          f"num_attention_heads={cfg.num_heads}, intermediate_size={cfg.ffn_hidden_dim})")
+    return
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"architectures": ["DINOv3ViTModel"], **hf_dinov3_config(cfg)}, f, indent=2)
+  print(f"wrote {path}")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -77,7 +102,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="dinov2-jax", description="DINOv2 in JAX: tools.")
+  parser = argparse.ArgumentParser(prog="dinov2-jax", description="DINOv2 (and DINOv3) in JAX: tools.")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("convert", help="convert weights between Meta, transformers and our formats",
@@ -91,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--block-chunks", type=int, default=0,
                  help="write block keys as blocks.{chunk}.{i} like Meta's block_chunks=N models (default 0: blocks.{i})")
   p.add_argument("--layout", choices=("meta", "hf"), default="meta",
-                 help="key names of the output: Meta's (default) or transformers' Dinov2")
+                 help="key names of the output: Meta's (default) or transformers' (Dinov2 / DINOv3ViT)")
   p.add_argument("--no-strict", action="store_true", help="skip missing/unexpected tensors instead of failing")
   p.set_defaults(func=convert)
 

@@ -18,7 +18,8 @@ import pytest
 
 COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-EXPECTED = {"feature_visualization", "import_and_export_weights", "linear_probe_and_knn", "pretrain_quickstart"}
+EXPECTED = {"feature_visualization", "import_and_export_weights", "linear_probe_and_knn", "pretrain_quickstart",
+            "dense_prediction_and_dinov3"}
 # Whole-notebook limit. Each takes well under a minute on 2 CPU cores; the margin is for loaded machines.
 TIMEOUT_S = int(os.environ.get("NOTEBOOK_TIMEOUT_S", "240"))
 

@@ -159,6 +159,29 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
   assert not marker.exists()
 
 
+def test_numpy_scalars_in_metadata_are_read_but_object_arrays_refused(tmp_path):
+  # mmcv-trained heads (Meta's dense heads) keep numpy scalars and bytes next to the state dict.
+  meta = {"best": np.float64(0.125), "iter": np.int64(40000), "half": np.float16(1.5), "flag": np.bool_(True),
+          "tag": b"\x00\xffab", "nested": [np.float32(2.5), (np.int32(-3), "text")]}
+  torch.save({"state_dict": {"w": torch.arange(3.0)}, "meta": meta}, tmp_path / "head.pth")
+  loaded = load_pth(tmp_path / "head.pth")
+  np.testing.assert_array_equal(loaded["state_dict"]["w"], [0.0, 1.0, 2.0])
+  got = loaded["meta"]
+  assert got["best"] == 0.125 and got["best"].dtype == np.float64
+  assert got["iter"] == 40000 and got["half"] == 1.5 and bool(got["flag"]) and got["tag"] == b"\x00\xffab"
+  assert got["nested"][0] == 2.5 and got["nested"][1][0] == -3 and got["nested"][1][1] == "text"
+  # A numpy *array* (or an object dtype) needs numpy's reconstructor, which is not allowed.
+  torch.save({"meta": {"arr": np.zeros(2)}}, tmp_path / "array.pth")
+  with pytest.raises(UnsafeCheckpointError, match="array.pth: refusing to load.*_reconstruct"):
+    load_pth(tmp_path / "array.pth")
+  data = pickle.dumps(np.float64(1.0), protocol=2).replace(b"f8", b"O8")
+  import zipfile
+  with zipfile.ZipFile(tmp_path / "obj.pth", "w") as z:
+    z.writestr("obj/data.pkl", data)
+  with pytest.raises(UnsafeCheckpointError, match="obj.pth: refusing to load: numpy dtype 'O8'"):
+    load_pth(tmp_path / "obj.pth")
+
+
 def test_truncated_files(tmp_path, meta_sd):
   torch.save(_torch_sd(meta_sd), tmp_path / "full.pth")
   data = (tmp_path / "full.pth").read_bytes()

@@ -1,4 +1,4 @@
-"""Independent PyTorch references for the tests: `transformers` Dinov2 models with random weights.
+"""Independent PyTorch references for the tests: `transformers` Dinov2 and DINOv3ViT models with random weights.
 
 `transformers` resamples positional embeddings with `size=` (no offset). Meta's code passes
 `scale_factor=(h + 0.1) / M` instead; `use_meta_interpolation` re-states Meta's 10 lines in torch
@@ -10,7 +10,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import (DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                          Dinov2WithRegistersModel)
 
 
 def make_hf_model(registers: bool, *, hidden=128, layers=2, heads=2, image_size=112, patch=14,
@@ -24,6 +25,10 @@ def make_hf_model(registers: bool, *, hidden=128, layers=2, heads=2, image_size=
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
   else:
     model = Dinov2Model(Dinov2Config(**kw))
+  return _perturb(model, seed)
+
+
+def _perturb(model, seed):
   with torch.no_grad():
     gen = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
@@ -37,6 +42,17 @@ def make_hf_model(registers: bool, *, hidden=128, layers=2, heads=2, image_size=
       else:
         p.add_(0.05 * noise)             # biases non-zero, weights perturbed
   return model.eval()
+
+
+def make_hf_dinov3_model(*, hidden=128, layers=2, heads=2, intermediate=None, registers=4, gated=False, seed=0,
+                         **config):
+  """A random, perturbed transformers DINOv3ViTModel (patch 16, RoPE base 100, no key bias, as Meta's)."""
+  torch.manual_seed(seed)
+  cfg = DINOv3ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate or (4 * hidden if not gated else 2 * hidden),
+                        num_register_tokens=registers, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu",
+                        layerscale_value=1e-5, attn_implementation="eager", **config)
+  return _perturb(DINOv3ViTModel(cfg), seed)
 
 
 def use_meta_interpolation(model, offset=0.1, antialias=False):
@@ -74,6 +90,19 @@ def hf_forward_features(model, images_nhwc: np.ndarray, masks: np.ndarray | None
       "x_norm_patchtokens": normed[:, 1 + registers:],
       "x_prenorm": out.hidden_states[-1].numpy(),
   }
+
+
+def hf_dinov3_forward(model, images_nhwc: np.ndarray, masks: np.ndarray | None = None):
+  """(forward_features-like dict, hidden states) of a transformers DINOv3ViTModel (NHWC numpy in, numpy out)."""
+  x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+  kw = {} if masks is None else {"bool_masked_pos": torch.from_numpy(masks)}
+  with torch.no_grad():
+    out = model(pixel_values=x, output_hidden_states=True, **kw)
+  r = model.config.num_register_tokens
+  normed = out.last_hidden_state.numpy()
+  features = {"x_norm_clstoken": normed[:, 0], "x_norm_regtokens": normed[:, 1:1 + r],
+              "x_norm_patchtokens": normed[:, 1 + r:], "x_prenorm": out.hidden_states[-1].numpy()}
+  return features, out.hidden_states
 
 
 def hf_state_dict(model) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -197,10 +197,10 @@ def _dense(rngs, cfg: ViTConfig, d_in: int, d_out: int, bias: bool) -> nnx.Linea
       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
-def _layer_norm(rngs, cfg: ViTConfig, dim: int) -> nnx.LayerNorm:
+def _layer_norm(rngs, cfg: ViTConfig, dim: int, eps: float = LAYER_NORM_EPS) -> nnx.LayerNorm:
   # float32 whatever the compute dtype: autocast runs layer_norm in float32 (and so its output).
   return nnx.LayerNorm(
-      dim, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
+      dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
       use_fast_variance=False, rngs=rngs)
 
 
@@ -556,8 +556,11 @@ def create_backbone(cfg: ViTConfig | str, *, seed: int = 0, **overrides: Any) ->
     cfg = preset(cfg, **overrides)
   elif overrides:
     cfg = cfg.replace(**overrides)
-  build = lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
-  # One compiled initialisation instead of hundreds of eagerly dispatched random ops.
+  return initialise(lambda: DinoVisionTransformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def initialise(build: Callable[[], nnx.Module]) -> nnx.Module:
+  """Runs a module constructor as one compiled initialisation instead of hundreds of eager random ops."""
   graphdef, _ = nnx.split(nnx.eval_shape(build))
-  params = jax.jit(lambda: nnx.split(build())[1])()
-  return nnx.merge(graphdef, params)
+  state = jax.jit(lambda: nnx.split(build())[1])()
+  return nnx.merge(graphdef, state)

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dinov2_jax.models.dinov3_vit import DINOv3Config
 from dinov2_jax.models.vit import ViTConfig
+from dinov2_jax.weights import convert_dinov3
 from dinov2_jax.weights.torch_format import CheckpointError
 
 HEAD_DIM = 64  # Every Meta DINOv2 model uses 64-dimensional attention heads.
@@ -104,6 +106,34 @@ def params_to_meta(params: Mapping, head_nlayers: int | None = None) -> dict[str
           for path, v in flatten_params(params).items()}
 
 
+BACKBONE_HINT = ("Check the architecture overrides (embed_dim, depth, num_heads, ffn_layer, num_register_tokens, "
+                 "patch_size, img_size) or that the file is the model you meant.")
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple], *, strict: bool = True,
+                     what: str = "backbone", hint: str = BACKBONE_HINT) -> None:
+  """Compares a state dict with the names and (PyTorch-layout) shapes a model expects.
+
+  Strict: every missing key, unexpected key and shape mismatch is listed in one `CheckpointError`.
+  Non-strict: missing and unexpected keys are allowed (shape mismatches still fail), which is how
+  Meta's own loaders behave minus their silent shape mismatches.
+  """
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(expected))
+  mismatched = [f"{name}: file {tuple(np.shape(state_dict[name]))}, model expects {tuple(shape)}"
+                for name, shape in expected.items()
+                if name in state_dict and tuple(np.shape(state_dict[name])) != tuple(shape)]
+  problems = []
+  if mismatched:
+    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+  if strict and missing:
+    problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+  if strict and unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+  if problems:
+    raise CheckpointError(f"the weights do not match the {what} architecture:\n" + "\n".join(problems) + "\n" + hint)
+
+
 def meta_to_params(
     state_dict: Mapping[str, np.ndarray],
     template: Mapping,
@@ -114,38 +144,21 @@ def meta_to_params(
 ) -> dict:
   """Fills a nested params template (arrays or ShapeDtypeStructs) from a Meta-keyed state dict.
 
-  Strict: every missing key, unexpected key and shape mismatch is listed in one error.
-  Non-strict: missing and unexpected keys are skipped (shape mismatches still fail), which is
-  how Meta's own evaluation loader behaves minus its silent shape mismatches.
+  Names, shapes and strictness are checked by `check_state_dict`; tensors absent from a non-strict
+  load keep the template's values.
   """
   flat = flatten_params(template)
   by_name = {meta_name(path, head_nlayers): path for path in flat}
-  missing = sorted(set(by_name) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(by_name))
-  mismatched, out = [], {}
+  # (a zero-memory broadcast stands in for each tensor: only its layout-converted shape is needed)
+  expected = {name: _to_torch_layout(path, np.broadcast_to(np.int8(0), flat[path].shape)).shape
+              for name, path in by_name.items()}
+  check_state_dict(state_dict, expected, strict=strict, what=what)
+  out = {}
   for name, path in by_name.items():
-    if name not in state_dict:
+    if name in state_dict:
+      out[path] = _from_torch_layout(path, np.asarray(state_dict[name])).astype(flat[path].dtype)
+    else:
       out[path] = flat[path]
-      continue
-    array = _from_torch_layout(path, np.asarray(state_dict[name]))
-    want = tuple(flat[path].shape)
-    if array.shape != want:
-      mismatched.append(f"{name}: file {tuple(np.asarray(state_dict[name]).shape)}, model expects "
-                        f"{tuple(_to_torch_layout(path, np.zeros(want, np.int8)).shape)}")
-      continue
-    out[path] = array.astype(flat[path].dtype)
-  problems = []
-  if mismatched:
-    problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
-  if strict and missing:
-    problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
-  if strict and unexpected:
-    problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-  if problems:
-    raise CheckpointError(
-        f"the weights do not match the {what} architecture:\n" + "\n".join(problems)
-        + "\nCheck the architecture overrides (embed_dim, depth, num_heads, ffn_layer, num_register_tokens, "
-        "patch_size, img_size) or that the file is the model you meant.")
   return unflatten_params(out)
 
 
@@ -211,11 +224,14 @@ def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
 
 
 def hf_to_meta(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A `transformers` Dinov2Model / Dinov2WithRegistersModel state dict -> Meta's backbone keys.
+  """A `transformers` Dinov2Model / Dinov2WithRegistersModel / DINOv3ViTModel state dict -> Meta's keys.
 
-  Accepts the older names (`attention.attention.query`, `mlp.weights_in`) and the newer ones
-  (`attention.q_proj`, `mlp.gate_proj`/`up_proj`), with or without the `dinov2.` prefix.
+  Accepts Dinov2's older names (`attention.attention.query`, `mlp.weights_in`) and newer ones
+  (`attention.q_proj`, `mlp.gate_proj`/`up_proj`), with or without the `dinov2.` prefix. DINOv3 state
+  dicts go to `convert_dinov3.hf_dinov3_to_meta`.
   """
+  if convert_dinov3.is_hf_dinov3_state_dict(state_dict):
+    return convert_dinov3.hf_dinov3_to_meta(state_dict)
   out: dict[str, np.ndarray] = {}
   qkv: dict[tuple, dict[str, np.ndarray]] = {}
   gate_up: dict[tuple, dict[str, np.ndarray]] = {}
@@ -242,7 +258,9 @@ def hf_to_meta(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def meta_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Meta backbone keys -> current `transformers` Dinov2 names (used by tests and the converter)."""
+  """Meta backbone keys -> current `transformers` Dinov2 (or DINOv3ViT) names (tests and the converter)."""
+  if convert_dinov3.is_dinov3_state_dict(state_dict):
+    return convert_dinov3.meta_dinov3_to_hf(state_dict)
   out = {}
   simple = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
             "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens"}
@@ -276,12 +294,20 @@ def meta_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # Architecture inference.
 
 
-def infer_backbone_config(state_dict: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig:
-  """Reads a backbone's architecture from Meta-keyed tensor shapes (head dim 64, as all Meta models).
+def backbone_config_class(state_dict: Mapping[str, Any]) -> type:
+  """`DINOv3Config` for Meta-keyed DINOv3 state dicts (no learned position embedding), else `ViTConfig`."""
+  return DINOv3Config if convert_dinov3.is_dinov3_state_dict(state_dict) else ViTConfig
+
+
+def infer_backbone_config(state_dict: Mapping[str, np.ndarray], **overrides: Any) -> ViTConfig | DINOv3Config:
+  """Reads a backbone's architecture from Meta-keyed tensor shapes (head dim 64, as all Meta DINOv2 models).
 
   Fields that shapes cannot tell follow Meta's hub convention: register models use antialiased
-  resampling without offset, the others the 0.1 offset. Every field can be overridden.
+  resampling without offset, the others the 0.1 offset. Every field can be overridden. DINOv3 state
+  dicts are read by `convert_dinov3.infer_dinov3_config`.
   """
+  if backbone_config_class(state_dict) is DINOv3Config:
+    return convert_dinov3.infer_dinov3_config(state_dict, **overrides)
   required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight")
   absent = [k for k in required if k not in state_dict]
   if absent:

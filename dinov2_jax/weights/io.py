@@ -5,7 +5,9 @@ Supported inputs (detected from the content, not only the name):
 - Meta training checkpoints `{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}` (block keys
   possibly chunked as `blocks.{chunk}.{i}.*`);
 - Meta linear classifier heads `*_linear_head.pth` / `*_linear4_head.pth` (`{"weight", "bias"}`);
-- Hugging Face `transformers` Dinov2 / Dinov2WithRegisters state dicts (`.safetensors` or `.bin`);
+- Hugging Face `transformers` Dinov2 / Dinov2WithRegisters / DINOv3ViT state dicts (`.safetensors` or
+  `.bin`; for DINOv3 the `config.json` beside the file gives the head count and the RoPE base);
+- Meta DINOv3 backbones `dinov3_vit*16*_pretrain_*.pth` (flat, Meta keys, RoPE periods included);
 - our own `.safetensors` exports (Meta keys, with the architecture in the header metadata).
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dinov2_jax.weights import convert
+from dinov2_jax.weights import convert, convert_dinov3
 from dinov2_jax.weights.safetensors_format import load_safetensors, save_safetensors
 from dinov2_jax.weights.torch_format import CheckpointError, load_pth, save_pth
 
@@ -34,10 +36,11 @@ class WeightsFile:
 
   Attributes:
     kind: "backbone", "training_checkpoint", "huggingface" or "linear_head".
-    backbone: flat Meta-keyed backbone state dict (unchunked), or None.
+    backbone: flat Meta-keyed backbone state dict (unchunked; DINOv2 or DINOv3), or None.
     heads: Meta-keyed head state dicts by name ("dino_head", "ibot_head").
     linear_head: `{"weight": (classes, in), "bias": (classes,)}` for classifier heads, or None.
-    config: backbone fields stored in our own exports' metadata (may be empty).
+    config: backbone fields stored in our own exports' metadata, or read from a transformers
+      config.json (may be empty).
   """
 
   kind: str
@@ -62,16 +65,57 @@ def _check_flat(tree: Mapping, path: str) -> dict[str, np.ndarray]:
   return dict(tree)
 
 
+def _sibling_hf_config(path: str) -> dict[str, Any]:
+  """The transformers `config.json` of a model folder / next to a weights file, or {}."""
+  folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  config_path = os.path.join(folder, "config.json")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return config if isinstance(config, dict) else {}
+
+
+_FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
+_FOLDER_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _weight_files(path: str) -> list[str]:
+  """A file, or the weights of a transformers model folder (one file, or the shards of its index)."""
+  if not os.path.isdir(path):
+    return [path]
+  for name in _FOLDER_FILES:
+    if os.path.isfile(os.path.join(path, name)):
+      return [os.path.join(path, name)]
+  for name in _FOLDER_INDEXES:
+    if os.path.isfile(os.path.join(path, name)):
+      with open(os.path.join(path, name), encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(path, shard) for shard in shards]
+  raise CheckpointError(f"{path}: a folder without {' or '.join(_FOLDER_FILES + _FOLDER_INDEXES)}; "
+                        "pass the weights file itself")
+
+
+def _load_any(path: str) -> tuple[Any, dict[str, str]]:
+  if _is_safetensors(path):
+    return load_safetensors(path)
+  return load_pth(path), {}
+
+
 def read_weights(path: str | os.PathLike) -> WeightsFile:
-  """Reads and classifies a weights file. Raises `CheckpointError` with the reason and a fix."""
+  """Reads and classifies a weights file (or a transformers model folder, sharded or not).
+
+  Raises `CheckpointError` with the reason and a fix.
+  """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
-  metadata: dict[str, str] = {}
-  if _is_safetensors(path):
-    obj, metadata = load_safetensors(path)
-  else:
-    obj = load_pth(path)
+  files = _weight_files(path)
+  obj, metadata = _load_any(files[0])
+  for shard in files[1:]:  # a sharded transformers checkpoint: flat state dicts, merged
+    obj = {**_check_flat(obj, path), **_check_flat(_load_any(shard)[0], shard)}
+  path = files[0] if len(files) == 1 else path
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
   config = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else {}
@@ -93,6 +137,9 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
   if set(flat) == {"weight", "bias"} and flat["weight"].ndim == 2:
     return WeightsFile("linear_head", linear_head=flat)
   if convert.is_hf_state_dict(flat):
+    hf_config = _sibling_hf_config(path)
+    if hf_config.get("model_type") == "dinov3_vit":  # head count and RoPE base are in no tensor
+      config = {**convert_dinov3.hf_config_fields(hf_config), **config}
     return WeightsFile("huggingface", convert.hf_to_meta(flat), config=config)
   if any(k.startswith(("backbone.", "module.backbone.")) for k in flat):
     groups = convert.split_submodules(flat)
@@ -102,7 +149,26 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     return WeightsFile("backbone", convert.unchunk_block_keys(flat), config=config)
   raise CheckpointError(
       f"{path}: not a recognised DINOv2 weights file (first keys: {', '.join(list(flat)[:6])}). Expected a "
-      "Meta hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers Dinov2 state dict.")
+      "Meta DINOv2/DINOv3 hub backbone, a Meta teacher checkpoint, a Meta linear head or a transformers "
+      "Dinov2/DINOv3ViT state dict.")
+
+
+def read_head_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a dense-prediction head file (Meta's `*_head.pth`): its flat state dict, keys as stored.
+
+  Meta's depth and segmentation heads are mmcv checkpoints, `{"state_dict": {...}, "meta": {...}}`;
+  the metadata (numbers and strings) is dropped. A bare state dict is accepted too. DDP's `module.`
+  prefixes are removed.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such file")
+  obj = load_safetensors(path)[0] if _is_safetensors(path) else load_pth(path)
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+  if isinstance(obj.get("state_dict"), Mapping):
+    obj = obj["state_dict"]
+  return {k.replace("module.", ""): v for k, v in _check_flat(obj, path).items()}
 
 
 def write_state_dict(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None):

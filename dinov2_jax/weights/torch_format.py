@@ -4,8 +4,9 @@ A `torch.save` file (the zip format PyTorch uses since 1.6) is a zip archive hol
 pickle that describes the object, and one raw little-endian buffer per tensor storage under `data/`.
 Unpickling normally imports and calls whatever the pickle names, so a malicious file can run code.
 We unpickle with an allow-list instead: the only callables a state dict needs are the tensor
-rebuild functions, storage type markers and `OrderedDict`, and we map those to our own numpy code.
-Anything else is refused before it is called.
+rebuild functions, storage type markers and `OrderedDict` (plus plain numpy scalars, which Meta's dense
+heads keep in their metadata), and we map those to our own numpy code. Anything else is refused before
+it is called.
 
 Writing goes the other way: we emit the pickle opcodes for a (nested) dict of tensors by hand, in
 the subset of the format that `torch.load(weights_only=True)` accepts.
@@ -17,6 +18,7 @@ import collections
 import io
 import os
 import pickle
+import re
 import struct
 import zipfile
 import zlib
@@ -82,6 +84,40 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_):
   return data
 
 
+# Meta's mmcv-trained dense heads (`*_nyu_dpt_head.pth`, ...) keep numpy scalars in their "meta" entry.
+# Pickle protocol 2 writes one as `numpy.core.multiarray.scalar(numpy.dtype("f8", ...), bytes)`, the dtype
+# getting its byte order through BUILD, and the bytes as `_codecs.encode(text, "latin1")`. These
+# stand-ins rebuild plain numeric scalars from their raw bytes and nothing else (no object dtypes).
+_NUMERIC_DTYPE = re.compile(r"^[fiub]\d{1,2}$|^c\d{1,2}$")
+
+
+class _DtypeStandIn:
+  """Stands in for `numpy.dtype` inside the unpickler: a numeric type code plus a byte order."""
+
+  def __init__(self, code, align=False, copy=False):
+    del align, copy
+    if not isinstance(code, str) or not _NUMERIC_DTYPE.match(code):
+      raise UnsafeCheckpointError(f"refusing to load: numpy dtype {code!r} is not a plain numeric type")
+    self.dtype = np.dtype(code)
+
+  def __setstate__(self, state):
+    order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+    if order in ("<", ">"):
+      self.dtype = self.dtype.newbyteorder(order)
+
+
+def _numpy_scalar(dtype, data=None):
+  if not isinstance(dtype, _DtypeStandIn) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+    raise UnsafeCheckpointError("refusing to load: malformed numpy scalar record")
+  return np.frombuffer(data, dtype.dtype)[0]
+
+
+def _codecs_encode(text, encoding="utf-8"):
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise UnsafeCheckpointError("refusing to load: unexpected `_codecs.encode` record")
+  return text.encode("latin-1")
+
+
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -90,6 +126,10 @@ _ALLOWED_GLOBALS = {
     ("builtins", "list"): list,
     ("builtins", "tuple"): tuple,
     ("builtins", "set"): set,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,   # numpy 1.x name
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2.x name
+    ("numpy", "dtype"): _DtypeStandIn,
+    ("_codecs", "encode"): _codecs_encode,
 }
 
 
@@ -165,6 +205,10 @@ def load_pth(path: str | os.PathLike) -> Any:
     raise CheckpointError(f"{path}: the file is truncated or corrupt ({e}); download it again") from e
   except pickle.UnpicklingError as e:
     raise CheckpointError(f"{path}: corrupt pickle inside the checkpoint ({e})") from e
+  except UnsafeCheckpointError as e:
+    if str(e).startswith(path):
+      raise
+    raise UnsafeCheckpointError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
