@@ -95,8 +95,9 @@ class CollapseMonitor:
   """Watches the logged health metrics; reports each kind of collapse once.
 
   A kind is reported when its condition holds at `patience` consecutive checks, after the first
-  `warmup_fraction` of the run (a freshly initialised network is "collapsed" by every measure:
-  nearly equal features and targets, until the teacher temperature and learning rate warm up):
+  `warmup_fraction` of the run and after `warmup_steps` (the learning-rate warm-up): a freshly
+  initialised network is "collapsed" by every measure (with Meta's LayerScale 1e-5 every image
+  has the same CLS feature), until training has had a chance to change that:
     uniform targets   the teacher's DINO targets have an entropy within `uniform_margin` nats of
                       ln K: the DINO loss carries no signal;
     one prototype     the batch-mean target entropy is below `one_prototype_nats`: every image
@@ -105,11 +106,11 @@ class CollapseMonitor:
                       `cls_cosine`: the backbone maps all images to (nearly) one point.
   """
 
-  def __init__(self, n_prototypes: int, total_steps: int, *, warmup_fraction: float = 0.2,
+  def __init__(self, n_prototypes: int, total_steps: int, *, warmup_steps: int = 0, warmup_fraction: float = 0.2,
                uniform_margin: float = 0.05, one_prototype_nats: float = 0.5, cls_cosine: float = 0.95,
                patience: int = 3):
     self.log_k = math.log(n_prototypes)
-    self.start_step = int(warmup_fraction * total_steps)
+    self.start_step = max(int(warmup_fraction * total_steps), warmup_steps)
     self.uniform_margin, self.one_prototype_nats, self.cls_cosine = uniform_margin, one_prototype_nats, cls_cosine
     self.patience = patience
     self._streaks: dict[str, int] = {}

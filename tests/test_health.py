@@ -57,8 +57,11 @@ def test_collapse_monitor_warns_once_per_kind_after_warmup_and_patience():
   k, total = 1024, 1000
   monitor = health.CollapseMonitor(k, total)
   uniform = dict(_healthy(k), dino_teacher_entropy=math.log(k) - 0.01)
-  # Before the warm-up fraction nothing is reported, however the metrics look.
+  # Before the warm-up fraction nothing is reported, however the metrics look; nor before the
+  # learning-rate warm-up ends.
   assert monitor.check(50, uniform) == []
+  late = health.CollapseMonitor(k, total, warmup_steps=400)
+  assert [late.check(step, uniform) for step in range(300, 400, 10)] == [[]] * 10
   reports = [monitor.check(step, uniform) for step in range(300, 340, 10)]
   assert [len(r) for r in reports] == [0, 0, 1, 0]  # after `patience` checks in a row, then never again
   collapse = reports[2][0]

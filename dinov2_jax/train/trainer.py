@@ -339,7 +339,8 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
   logger = MetricsLogger(workdir, n_steps, config.batch_size, n_prototypes=config.dino.head_n_prototypes)
-  monitor = health.CollapseMonitor(config.dino.head_n_prototypes, n_steps)
+  monitor = health.CollapseMonitor(config.dino.head_n_prototypes, n_steps,
+                                   warmup_steps=int(config.optim.warmup_epochs * config.epoch_length))
   print(f"training {n_steps} steps from step {start} on {jax.device_count()} devices in "
         f"{jax.process_count()} process(es), mesh {dict(zip(mesh.axis_names, mesh.devices.shape))}, global "
         f"batch {config.batch_size}", flush=True)
