@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dinov2_jax.models.attention import ATTENTION_IMPLS, multi_head_attention
 from dinov2_jax.models.vit import (LAYER_NORM_EPS, LayerScale, Mlp, PatchEmbed, _dense, _identity, _layer_norm,
                                    check_image_shape)
 
@@ -69,6 +70,7 @@ class DINOv3Config:
     untie_cls_and_patch_norms: a separate final norm (`cls_norm`) for the CLS and storage tokens.
     untie_global_and_local_cls_norm: a `local_cls_norm` used only in training (kept for the weights).
     dtype, param_dtype: compute and parameter dtypes ("float32" or "bfloat16").
+    attention_impl: "auto", "xla" or "cudnn" (`dinov2_jax/models/attention.py`).
   """
 
   img_size: int = 224
@@ -94,9 +96,11 @@ class DINOv3Config:
   untie_global_and_local_cls_norm: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     for value, allowed, name in ((self.ffn_layer, FFN_LAYERS, "ffn_layer"), (self.norm_layer, tuple(NORM_LAYERS), "norm_layer"),
+                                 (self.attention_impl, ATTENTION_IMPLS, "attention_impl"),
                                  (self.pos_embed_rope_normalize_coords, NORMALIZE_COORDS, "pos_embed_rope_normalize_coords")):
       if value not in allowed:
         raise ValueError(f"{name}={value!r}; expected one of {allowed}")
@@ -243,6 +247,7 @@ class SelfAttention(nnx.Module):
 
   def __init__(self, cfg: DINOv3Config, *, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
+    self.attention_impl = cfg.attention_impl
     d = cfg.embed_dim
     if cfg.mask_k_bias and cfg.qkv_bias:
       self.qkv = KeyMaskedLinear(cfg, d, 3 * d, rngs=rngs)
@@ -261,7 +266,7 @@ class SelfAttention(nnx.Module):
       rotated = rope_apply(t[:, prefix:].astype(jnp.float32), sin, cos).astype(t.dtype)
       return jnp.concatenate([t[:, :prefix], rotated], axis=1)
 
-    out = jax.nn.dot_product_attention(rotate(q), rotate(k), v)
+    out = multi_head_attention(rotate(q), rotate(k), v, self.attention_impl)
     return self.proj(out.reshape(b, n, d))
 
 

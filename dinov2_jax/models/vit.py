@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dinov2_jax.fusion import materialize_cotangent
+from dinov2_jax.models.attention import ATTENTION_IMPLS, multi_head_attention
 from dinov2_jax.models.posemb import resample_patch_pos_embed
 
 LAYER_NORM_EPS = 1e-6
@@ -82,6 +83,8 @@ class ViTConfig:
     drop_path_groups: for Meta's batch-subset drop path, draw the subset separately in this many
       equal groups of the batch (Meta draws it per GPU); the trainer sets it to the number of data
       shards so each device keeps working on its own samples.
+    attention_impl: "auto" (cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA elsewhere), "xla"
+      or "cudnn" (`dinov2_jax/models/attention.py`).
     remat_policy: what the backward pass recomputes instead of storing, per block: "none" (store
       everything), "full" (recompute each block from its input), "dots_saveable" (keep the matmul
       outputs, recompute the elementwise work) or "dots_with_no_batch_dims_saveable".
@@ -118,6 +121,7 @@ class ViTConfig:
   param_dtype: str = "float32"
   drop_path_mode: str = "meta"
   drop_path_groups: int = 1
+  attention_impl: str = "auto"
   remat_policy: str = "none"
   scan_blocks: bool = False
   grad_barrier: bool | None = None
@@ -125,6 +129,8 @@ class ViTConfig:
   def __post_init__(self):
     if self.ffn_layer not in FFN_LAYERS:
       raise ValueError(f"ffn_layer={self.ffn_layer!r}; expected one of {FFN_LAYERS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}")
     if self.drop_path_mode not in DROP_PATH_MODES:
@@ -243,13 +249,14 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
+    self.attention_impl = cfg.attention_impl
     self.qkv = _dense(rngs, cfg, cfg.embed_dim, 3 * cfg.embed_dim, cfg.qkv_bias)
     self.proj = _dense(rngs, cfg, cfg.embed_dim, cfg.embed_dim, cfg.proj_bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
     return self.proj(out.reshape(b, n, d))
 
 

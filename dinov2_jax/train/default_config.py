@@ -18,6 +18,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Per block, what the backward pass recomputes: "none", "full", "dots_saveable", ... (ViTConfig).
   c.remat_policy = "none"
   c.scan_blocks = False  # the blocks as one lax.scan: one block in the compiled program
+  # "auto": cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA elsewhere; or "xla" / "cudnn".
+  c.attention_impl = "auto"
   # On the CPU backend: reuse freed host memory between steps and keep XLA's reductions out of
   # YNNPACK, and materialise the residual gradient per block (dinov2_jax/cpu_tuning.py; ~2.5x faster
   # steps on CPU). No effect on GPU/TPU.

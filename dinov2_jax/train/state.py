@@ -73,7 +73,7 @@ def backbone_config_from(config, drop_path_groups: int = 1) -> ViTConfig:
       ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
       interpolate_antialias=s.interpolate_antialias, interpolate_offset=s.interpolate_offset,
       dtype=config.compute_dtype, remat_policy=config.remat_policy,
-      scan_blocks=config.get("scan_blocks", False), drop_path_mode=s.get("drop_path_mode", "meta"),
+      scan_blocks=config.get("scan_blocks", False), attention_impl=config.get("attention_impl", "auto"), drop_path_mode=s.get("drop_path_mode", "meta"),
       drop_path_groups=drop_path_groups, grad_barrier=None if config.get("cpu_tuning", True) else False)
 
 
