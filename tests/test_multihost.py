@@ -27,17 +27,20 @@ OVERRIDES = [
     "--config.crops.local_crops_number=2",
     "--config.dino.head_n_prototypes=64", "--config.dino.head_hidden_dim=32", "--config.dino.head_bottleneck_dim=16",
     "--config.ibot.head_n_prototypes=64", "--config.ibot.head_hidden_dim=32", "--config.ibot.head_bottleneck_dim=16",
-    # Parameters and optimizer state sharded over all 8 devices (across the processes), FSDP-style.
-    "--config.mesh=(('data', 1), ('fsdp', 8))", "--config.fsdp_min_size=256",
+    "--config.fsdp_min_size=256",
     "--config.log_every_steps=1", "--config.checkpoint_every_steps=4", "--config.keep_checkpoints=2",
     "--config.knn_eval.enabled=False",
 ]
 TIMEOUT = 420
 
 
-def _command(workdir, extra=()):
+# Parameters and optimizer state sharded over all 8 devices (across the processes), FSDP-style.
+FSDP_ACROSS_PROCESSES = ["--config.mesh=(('data', 1), ('fsdp', 8))"]
+
+
+def _command(workdir, extra=(), mesh=tuple(FSDP_ACROSS_PROCESSES)):
   return ["python", "-m", "dinov2_jax.main", "--config", "configs/demo.py", "--workdir", str(workdir),
-          *OVERRIDES, *extra]
+          *OVERRIDES, *mesh, *extra]
 
 
 def _launch(group, workdir, n_processes):
@@ -118,8 +121,11 @@ def test_two_processes_train_like_one_also_after_both_are_killed_and_restarted(s
 
 
 def test_sigterm_to_one_process_checkpoints_all_at_the_same_step(tmp_path):
+  # Also a two-level mesh as on several nodes: data parallel across the processes (the slow
+  # network), FSDP within each one.
+  hybrid = ["--config.mesh=(('data', 2), ('fsdp', 4))", "--config.dcn_mesh=(('data', 2),)"]
   with ProcessGroup(tmp_path / "logs", devices_per_process=4) as group:
-    _launch(group, tmp_path / "run", 2)
+    group.start([_command(tmp_path / "run", group.coordinator_flags(i, 2), mesh=hybrid) for i in range(2)])
     _wait_for_checkpoint(group, tmp_path / "run")
     group.signal(1, signal.SIGTERM)  # the preemption notice reaches one host only
     outputs = group.wait(TIMEOUT)  # both exit 0, neither hangs

@@ -359,3 +359,25 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   from dinov2_jax.train.checkpointing import Checkpointer
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
   assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS set in conftest.py")
+def test_mesh_from_topology_and_logical_activation_axes():
+  mesh = sharding.make_mesh((("data", -1), ("fsdp", 2)))
+  assert dict(zip(mesh.axis_names, mesh.devices.shape)) == {"data": 4, "fsdp": 2}
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+  # One slice/process: a DCN factor of 1 is the plain mesh; wrong factors name the problem.
+  assert sharding.make_mesh((("data", 4), ("fsdp", 2)), dcn_axes=(("data", 1),)).devices.shape == (4, 2)
+  with pytest.raises(ValueError, match="config.dcn_mesh names \\['model'\\]"):
+    sharding.make_mesh((("data", 4), ("fsdp", 2)), dcn_axes=(("model", 2),))
+  with pytest.raises(ValueError, match="must divide the mesh axis sizes"):
+    sharding.make_mesh((("data", 4), ("fsdp", 2)), dcn_axes=(("fsdp", 4),))
+  # Logical axes -> mesh axes: the batch over all axes by default, others as the rules say.
+  rules = (("batch", "*"), ("prototypes", "fsdp"))
+  assert sharding.logical_spec(("batch", "tokens", "embed"), rules, mesh) == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None, None)
+  assert sharding.logical_spec(("embed", "prototypes"), rules, mesh) == jax.sharding.PartitionSpec(None, "fsdp")
+  constrain = sharding.activation_constraint(mesh, (("batch", "data"), ("prototypes", "fsdp")))
+  out = jax.jit(lambda x: constrain(x * 2.0, ("batch", "prototypes")))(jnp.ones((8, 6)))
+  assert out.sharding.spec == jax.sharding.PartitionSpec("data", "fsdp")
+  np.testing.assert_array_equal(np.asarray(out), 2.0)

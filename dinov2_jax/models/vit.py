@@ -30,6 +30,15 @@ from dinov2_jax.models.posemb import resample_patch_pos_embed
 LAYER_NORM_EPS = 1e-6
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
 DROP_PATH_MODES = ("meta", "per_sample")
+# Logical names of the residual stream's dimensions, for sharding constraints.
+TOKEN_AXES = ("batch", "tokens", "embed")
+Constrain = Callable[[jax.Array, Sequence[str | None]], jax.Array]
+
+
+def _no_constraint(x, logical_axes):
+  del logical_axes
+  return x
+
 # remat_policy -> what jax.checkpoint may keep from the forward pass (None: nothing, recompute all).
 REMAT_POLICIES = {
     "none": None,
@@ -415,18 +424,25 @@ class DinoVisionTransformer(nnx.Module):
       x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
     return x
 
-  def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = ()):
-    """Runs all blocks on (B, T, D) tokens; returns the output and the outputs of blocks `keep`."""
+  def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = (),
+                  constrain: Constrain | None = None):
+    """Runs all blocks on (B, T, D) tokens; returns the output and the outputs of blocks `keep`.
+
+    `constrain(x, ("batch", "tokens", "embed"))`, if given, pins the residual stream's sharding at
+    every block boundary (`dinov2_jax/train/sharding.py` activation_constraint).
+    """
+    constrain = constrain or _no_constraint
+    x = constrain(x, TOKEN_AXES)
     depth = len(self.blocks)
     keys = None if drop_path_key is None else jax.random.split(drop_path_key, depth)
     # Blocks before the first kept one may run as a scan; kept blocks (the last few, for the
     # evaluations) run one by one, so their outputs need not be stacked for every block.
     n_scanned = min(min(keep, default=depth), depth) if self.cfg.scan_blocks else 0
     if n_scanned:
-      x = self._scan_blocks(x, n_scanned, None if keys is None else keys[:n_scanned])
+      x = self._scan_blocks(x, n_scanned, None if keys is None else keys[:n_scanned], constrain)
     kept = []
     for i in range(n_scanned, depth):
-      x = self._apply_block(self.blocks[i], x, None if keys is None else keys[i])
+      x = constrain(self._apply_block(self.blocks[i], x, None if keys is None else keys[i]), TOKEN_AXES)
       if i in keep:
         kept.append(x)
     return x, kept
@@ -440,7 +456,7 @@ class DinoVisionTransformer(nnx.Module):
     barrier = self.cfg.grad_barrier if self.cfg.grad_barrier is not None else jax.default_backend() == "cpu"
     return materialize_cotangent(x) if barrier else x
 
-  def _scan_blocks(self, x: jax.Array, n: int, keys: jax.Array | None) -> jax.Array:
+  def _scan_blocks(self, x: jax.Array, n: int, keys: jax.Array | None, constrain: Constrain) -> jax.Array:
     """The first `n` blocks as one `lax.scan` over their parameters, stacked here (inside jit)."""
     graphdefs, states = zip(*(nnx.split(block) for block in self.blocks[:n]))
     if keys is not None and len(set(graphdefs)) > 1:
@@ -450,20 +466,21 @@ class DinoVisionTransformer(nnx.Module):
 
     def body(y, per_block):
       state, key = per_block
-      return self._apply_block(nnx.merge(graphdefs[0], state), y, key), None
+      return constrain(self._apply_block(nnx.merge(graphdefs[0], state), y, key), TOKEN_AXES), None
 
     x, _ = jax.lax.scan(body, x, (stacked, keys))
     return x
 
   def forward_features(
-      self, images: jax.Array, masks: jax.Array | None = None, *, drop_path_key: jax.Array | None = None
-  ) -> dict[str, jax.Array]:
+      self, images: jax.Array, masks: jax.Array | None = None, *, drop_path_key: jax.Array | None = None,
+      constrain: Constrain | None = None) -> dict[str, jax.Array]:
     """Meta's `forward_features`.
 
     Args:
       images: (B, H, W, C) float images, H and W multiples of the patch size.
       masks: optional (B, h*w) bool, True where the patch embedding is replaced by the mask token.
       drop_path_key: PRNG key; when given, stochastic depth is active (training mode).
+      constrain: optional `(x, logical_axes) -> x` sharding constraint for the residual stream.
 
     Returns:
       dict with `x_norm_clstoken` (B, D), `x_norm_regtokens` (B, R, D), `x_norm_patchtokens`
@@ -471,7 +488,7 @@ class DinoVisionTransformer(nnx.Module):
       dtype (the residual stream and the norms are float32).
     """
     x = self.prepare_tokens(images, masks)
-    x, _ = self._run_blocks(x, drop_path_key)
+    x, _ = self._run_blocks(x, drop_path_key, constrain=constrain)
     return {**self._final_outputs(x), "masks": masks}
 
   def _final_outputs(self, x: jax.Array) -> dict[str, jax.Array]:

@@ -64,6 +64,11 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # Sharding as data: mesh axes and (regex, strategy) rules over train-state paths.
   c.mesh = (("data", -1), ("fsdp", 1))
+  # Multi-slice TPU / multi-node GPU: how many of each mesh axis run across slices or nodes, e.g.
+  # (("data", 4),) for 4 slices of data parallelism; () = one slice (dinov2_jax/train/sharding.py).
+  c.dcn_mesh = ()
+  # Logical activation axes -> mesh axes ("*": all of them): "batch", "tokens", "embed", "prototypes".
+  c.logical_axis_rules = (("batch", "*"),)
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 14
 

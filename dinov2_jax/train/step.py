@@ -83,11 +83,19 @@ def _health_metrics(dino_targets, ibot_targets, mask_valid, student_entropy, tea
   return out
 
 
-def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1):
+def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1, constrain=None):
   """Returns `train_step(state, batch, tables) -> (state, metrics)`; `tables` from `TrainSchedules.tables()`.
 
   `n_shards`: S, the data shards of the batch (the devices it is split over; see the module doc).
+  `constrain`: optional `(x, logical_axes) -> x` (`sharding.activation_constraint`) pinning the
+  layout of the activations: the residual stream ("batch", "tokens", "embed"), the gathered iBOT
+  tokens ("batch", "embed") and the head logits ("batch", "prototypes").
   """
+  constrain = constrain or (lambda x, logical_axes: x)
+
+  def head_logits(head, x):
+    return constrain(head(constrain(x, ("batch", "embed"))), ("batch", "prototypes"))
+
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], tables: dict[str, jax.Array]):
     sched = values_at(tables, state.step)
@@ -101,10 +109,10 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
 
     # Teacher: eval mode, no masks, no gradients.
     teacher = jax.lax.stop_gradient(state.teacher)
-    t_out = merge(arch.backbone, teacher["backbone"]).forward_features(global_crops)
+    t_out = merge(arch.backbone, teacher["backbone"]).forward_features(global_crops, constrain=constrain)
     t_dino_head, t_ibot_head = _heads(arch, teacher)
-    t_cls_logits = t_dino_head(t_out["x_norm_clstoken"])
-    t_patch_logits = t_ibot_head(_gather_tokens(t_out["x_norm_patchtokens"], indices, n_shards))
+    t_cls_logits = head_logits(t_dino_head, t_out["x_norm_clstoken"])
+    t_patch_logits = head_logits(t_ibot_head, _gather_tokens(t_out["x_norm_patchtokens"], indices, n_shards))
     # Centring and Sinkhorn-Knopp treat rows alike (or sum over all of them): any row order will do.
     dino_targets, ibot_targets, dino_center, ibot_center = _teacher_targets(
         arch, t_cls_logits, t_patch_logits, valid, temp, state)
@@ -112,16 +120,16 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
     def loss_fn(student):
       backbone = merge(arch.backbone, student["backbone"])
       s_dino_head, s_ibot_head = _heads(arch, student)
-      s_global = backbone.forward_features(global_crops, masks, drop_path_key=key_global)
-      s_global_logits = s_dino_head(s_global["x_norm_clstoken"])
+      s_global = backbone.forward_features(global_crops, masks, drop_path_key=key_global, constrain=constrain)
+      s_global_logits = head_logits(s_dino_head, s_global["x_norm_clstoken"])
       s_local_logits = None
       if local_crops is not None:
-        s_local = backbone.forward_features(local_crops, drop_path_key=key_local)
-        s_local_logits = crop_major(s_dino_head(s_local["x_norm_clstoken"]), arch.n_local_crops)
+        s_local = backbone.forward_features(local_crops, drop_path_key=key_local, constrain=constrain)
+        s_local_logits = crop_major(head_logits(s_dino_head, s_local["x_norm_clstoken"]), arch.n_local_crops)
       dino = losses.dino_loss(crop_major(s_global_logits, 2), s_local_logits, crop_major(dino_targets, 2),
                               arch.student_temp)
       koleo = _koleo(s_global["x_norm_clstoken"].astype(jnp.float32), n_shards, arch.koleo_per_shard)
-      s_patch_logits = s_ibot_head(_gather_tokens(s_global["x_norm_patchtokens"], indices, n_shards))
+      s_patch_logits = head_logits(s_ibot_head, _gather_tokens(s_global["x_norm_patchtokens"], indices, n_shards))
       ibot = losses.ibot_patch_loss(s_patch_logits, ibot_targets, weights, n_global, arch.student_temp)
       terms = {
           "dino_local_crops_loss": arch.dino_loss_weight * dino.local_crops,

@@ -50,7 +50,7 @@ def validate_config(config) -> None:
   for field in ("global_crops_size", "local_crops_size"):
     check_patch_multiple(config.crops[field], config.student.patch_size, f"config.crops.{field}",
                          "config.student.patch_size")
-  data_ways = sharding.make_mesh(config.mesh).devices.size
+  data_ways = sharding.mesh_from_config(config).devices.size
   if config.batch_size % data_ways:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {data_ways} devices of "
                      f"config.mesh={tuple(config.mesh)} (the batch is split over every mesh axis)")
@@ -299,7 +299,7 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "config.json")):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.mesh_from_config(config)
   feeder = ShardFeeder(sharding.batch_sharding(mesh))
   arch = make_arch(config, drop_path_groups=feeder.num_shards)
   n_steps = total_steps(config)
@@ -334,7 +334,8 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   if data_state is not None:
     data.set_state(data_state)
 
-  step_fn = jax.jit(make_train_step(arch, tx, feeder.num_shards), donate_argnums=0,
+  constrain = sharding.activation_constraint(mesh, config.logical_axis_rules)
+  step_fn = jax.jit(make_train_step(arch, tx, feeder.num_shards, constrain), donate_argnums=0,
                     in_shardings=(state_shardings, feeder.sharding, sharding.replicated(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
