@@ -171,6 +171,20 @@ def test_remat_and_scanned_blocks_give_the_same_outputs_and_gradients(variant):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_forward_features_list_equals_one_call_per_batch(scan):
+  # Meta's forward_features_list: crops of different sizes through the blocks together.
+  model = create_backbone(TINY.replace(drop_path_rate=0.3, drop_path_uniform=True, scan_blocks=scan), seed=4)
+  images = [_x(b=4, seed=1), _x(b=6, h=14, w=14, seed=2)]
+  masks = [jnp.asarray(np.random.default_rng(3).random((4, 4)) < 0.5), None]
+  keys = [jax.random.key(1), jax.random.key(2)]
+  together = model.forward_features_list(images, masks, drop_path_keys=keys)
+  for i in range(2):
+    alone = model.forward_features(images[i], masks[i], drop_path_key=keys[i])
+    for name in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+      np.testing.assert_allclose(np.asarray(together[i][name]), np.asarray(alone[name]), atol=1e-5, err_msg=name)
+
+
 def test_scanned_blocks_for_intermediate_layers_and_their_limits():
   model, scanned = create_backbone(TINY, seed=3), create_backbone(TINY.replace(scan_blocks=True), seed=3)
   for a, b in zip(model.get_intermediate_layers(_x(), n=2), scanned.get_intermediate_layers(_x(), n=2)):

@@ -11,10 +11,12 @@ This is what the input pipeline produces (each host the rows of its own shards) 
 step consumes: every device's rows are its own images, so the backbone, Meta's per-GPU stochastic
 depth, the iBOT gather and KoLeo per shard need no communication. The losses that pair crops of the
 same image read the batch through `crop_major_view`, which for one shard (S = 1) is Meta's layout.
-Works on numpy and jax arrays alike (inside jit too).
+Works on numpy and jax arrays alike (inside jit too); `concat_shards` returns jax arrays.
 """
 
 from __future__ import annotations
+
+import jax.numpy as jnp
 
 
 def image_major_to_crop_major(x):
@@ -38,3 +40,24 @@ def crop_major_view(x, n_shards: int, n_crops: int):
 def per_shard(x, n_shards: int):
   """(S * r, ...) -> (S, r, ...): the rows of each shard on their own axis (for per-shard maths)."""
   return x.reshape((n_shards, x.shape[0] // n_shards) + tuple(x.shape[1:]))
+
+
+def concat_shards(arrays, n_shards: int):
+  """Row arrays (S * r_i, ...) -> (S * sum r_i, ...), each shard's rows kept on its shard.
+
+  For running one layer on several batches at once (Meta's single head call on the concatenated
+  CLS and patch tokens) without moving rows between devices. Returns (joined, [r_i]).
+  """
+  parts = [per_shard(a, n_shards) for a in arrays]
+  joined = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  return joined.reshape((-1,) + tuple(joined.shape[2:])), [p.shape[1] for p in parts]
+
+
+def split_shards(x, sizes, n_shards: int):
+  """Inverse of `concat_shards`: (S * sum r_i, ...) -> [(S * r_i, ...)]."""
+  y = per_shard(x, n_shards)
+  out, start = [], 0
+  for r in sizes:
+    out.append(y[:, start:start + r].reshape((-1,) + tuple(y.shape[2:])))
+    start += r
+  return out

@@ -424,52 +424,60 @@ class DinoVisionTransformer(nnx.Module):
       x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
     return x
 
-  def _run_blocks(self, x: jax.Array, drop_path_key: jax.Array | None, keep: Sequence[int] = (),
-                  constrain: Constrain | None = None):
-    """Runs all blocks on (B, T, D) tokens; returns the output and the outputs of blocks `keep`.
+  def _run_blocks(self, xs: Sequence[jax.Array], drop_path_keys: Sequence[jax.Array | None],
+                  keep: Sequence[int] = (), constrain: Constrain | None = None):
+    """Runs all blocks on a list of (B_i, T_i, D) token arrays, block by block.
 
-    `constrain(x, ("batch", "tokens", "embed"))`, if given, pins the residual stream's sharding at
-    every block boundary (`dinov2_jax/train/sharding.py` activation_constraint).
+    Each block is applied to every array before the next block runs (Meta's `forward_nested`), so
+    on a sharded mesh a block's parameters are gathered once for all of them and their gradients
+    summed before they are reduced. Returns the outputs and, for a single input, the outputs of
+    the blocks in `keep`. `constrain(x, ("batch", "tokens", "embed"))`, if given, pins the residual
+    stream's sharding at every block boundary (`dinov2_jax/train/sharding.py` activation_constraint).
     """
     constrain = constrain or _no_constraint
-    x = constrain(x, TOKEN_AXES)
+    xs = [constrain(x, TOKEN_AXES) for x in xs]
     depth = len(self.blocks)
-    keys = None if drop_path_key is None else jax.random.split(drop_path_key, depth)
+    keys = [None if k is None else jax.random.split(k, depth) for k in drop_path_keys]
     # Blocks before the first kept one may run as a scan; kept blocks (the last few, for the
     # evaluations) run one by one, so their outputs need not be stacked for every block.
     n_scanned = min(min(keep, default=depth), depth) if self.cfg.scan_blocks else 0
     if n_scanned:
-      x = self._scan_blocks(x, n_scanned, None if keys is None else keys[:n_scanned], constrain)
+      xs = self._scan_blocks(xs, n_scanned, [None if k is None else k[:n_scanned] for k in keys], constrain)
     kept = []
     for i in range(n_scanned, depth):
-      x = constrain(self._apply_block(self.blocks[i], x, None if keys is None else keys[i]), TOKEN_AXES)
+      xs = [constrain(y, TOKEN_AXES) for y in
+            self._apply_block(self.blocks[i], xs, [None if k is None else k[i] for k in keys])]
       if i in keep:
-        kept.append(x)
-    return x, kept
+        kept.append(xs[0])
+    return xs, kept
 
-  def _apply_block(self, block: Block, x: jax.Array, key: jax.Array | None) -> jax.Array:
-    """One block with the configured remat policy and CPU gradient barrier."""
+  def _apply_block(self, block: Block, xs: Sequence[jax.Array], keys: Sequence[jax.Array | None]) -> list[jax.Array]:
+    """One block on every array of `xs`, with the configured remat policy and CPU gradient barrier."""
+    def apply(blk, ys, ks):
+      return [blk(y, k) for y, k in zip(ys, ks)]
+
     if self.cfg.remat_policy != "none":
-      x = nnx.remat(lambda blk, y, k: blk(y, k), policy=REMAT_POLICIES[self.cfg.remat_policy])(block, x, key)
-    else:
-      x = block(x, key)
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat_policy])
+    xs = apply(block, list(xs), list(keys))
     barrier = self.cfg.grad_barrier if self.cfg.grad_barrier is not None else jax.default_backend() == "cpu"
-    return materialize_cotangent(x) if barrier else x
+    return [materialize_cotangent(x) for x in xs] if barrier else xs
 
-  def _scan_blocks(self, x: jax.Array, n: int, keys: jax.Array | None, constrain: Constrain) -> jax.Array:
+  def _scan_blocks(self, xs: Sequence[jax.Array], n: int, keys: Sequence[jax.Array | None],
+                   constrain: Constrain) -> list[jax.Array]:
     """The first `n` blocks as one `lax.scan` over their parameters, stacked here (inside jit)."""
     graphdefs, states = zip(*(nnx.split(block) for block in self.blocks[:n]))
-    if keys is not None and len(set(graphdefs)) > 1:
+    if any(k is not None for k in keys) and len(set(graphdefs)) > 1:
       raise ValueError("scan_blocks with stochastic depth needs the same drop-path rate in every block: "
                        "set drop_path_uniform=True (Meta's training default) or scan_blocks=False")
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
-    def body(y, per_block):
-      state, key = per_block
-      return constrain(self._apply_block(nnx.merge(graphdefs[0], state), y, key), TOKEN_AXES), None
+    def body(ys, per_block):
+      state, ks = per_block
+      ys = self._apply_block(nnx.merge(graphdefs[0], state), ys, ks)
+      return [constrain(y, TOKEN_AXES) for y in ys], None
 
-    x, _ = jax.lax.scan(body, x, (stacked, keys))
-    return x
+    xs, _ = jax.lax.scan(body, list(xs), (stacked, list(keys)))
+    return xs
 
   def forward_features(
       self, images: jax.Array, masks: jax.Array | None = None, *, drop_path_key: jax.Array | None = None,
@@ -487,9 +495,21 @@ class DinoVisionTransformer(nnx.Module):
       (B, h*w, D), `x_prenorm` (B, 1+R+h*w, D) and `masks` (as given); float32 in every compute
       dtype (the residual stream and the norms are float32).
     """
-    x = self.prepare_tokens(images, masks)
-    x, _ = self._run_blocks(x, drop_path_key, constrain=constrain)
-    return {**self._final_outputs(x), "masks": masks}
+    return self.forward_features_list([images], [masks], drop_path_keys=[drop_path_key], constrain=constrain)[0]
+
+  def forward_features_list(
+      self, images: Sequence[jax.Array], masks: Sequence[jax.Array | None] | None = None, *,
+      drop_path_keys: Sequence[jax.Array | None] | None = None,
+      constrain: Constrain | None = None) -> list[dict[str, jax.Array]]:
+    """Meta's `forward_features_list`: several batches (e.g. global and local crops, of different
+    sizes) through the blocks together, block by block. Element i equals
+    `forward_features(images[i], masks[i], drop_path_key=drop_path_keys[i])`.
+    """
+    masks = [None] * len(images) if masks is None else list(masks)
+    keys = [None] * len(images) if drop_path_keys is None else list(drop_path_keys)
+    xs = [self.prepare_tokens(x, m) for x, m in zip(images, masks)]
+    xs, _ = self._run_blocks(xs, keys, constrain=constrain)
+    return [{**self._final_outputs(x), "masks": m} for x, m in zip(xs, masks)]
 
   def _final_outputs(self, x: jax.Array) -> dict[str, jax.Array]:
     """The last block's (B, 1+R+h*w, D) tokens -> `forward_features`' normed and prenorm outputs."""
@@ -522,7 +542,7 @@ class DinoVisionTransformer(nnx.Module):
     depth = len(self.blocks)
     if not 0 <= n <= depth:
       raise ValueError(f"n={n} last blocks out of range for a backbone of depth {depth}")
-    x, kept = self._run_blocks(self.prepare_tokens(images), None, keep=range(depth - n, depth))
+    (x,), kept = self._run_blocks([self.prepare_tokens(images)], [None], keep=range(depth - n, depth))
     out = self._final_outputs(x)
     cls = out["x_norm_clstoken"]
     # The last kept block is the final output: reuse its norm instead of computing it twice.
@@ -557,7 +577,7 @@ class DinoVisionTransformer(nnx.Module):
     if any(not 0 <= i < depth for i in keep) or not keep:
       raise ValueError(f"block indices {list(keep)} out of range for a backbone of depth {depth}")
     x = self.prepare_tokens(images)
-    _, outputs = self._run_blocks(x, None, keep=keep)
+    _, outputs = self._run_blocks([x], [None], keep=keep)
     if norm:
       outputs = [self.norm(o) for o in outputs]
     r = self.cfg.num_register_tokens

@@ -83,19 +83,35 @@ def _health_metrics(dino_targets, ibot_targets, mask_valid, student_entropy, tea
   return out
 
 
-def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1, constrain=None):
+def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: int = 1, constrain=None,
+                    param_shardings=None):
   """Returns `train_step(state, batch, tables) -> (state, metrics)`; `tables` from `TrainSchedules.tables()`.
 
   `n_shards`: S, the data shards of the batch (the devices it is split over; see the module doc).
   `constrain`: optional `(x, logical_axes) -> x` (`sharding.activation_constraint`) pinning the
   layout of the activations: the residual stream ("batch", "tokens", "embed"), the gathered iBOT
   tokens ("batch", "embed") and the head logits ("batch", "prototypes").
+  `param_shardings`: optional shardings of the student parameters; the gradients are constrained
+  to them, so that each device receives only its shard of the summed gradient (a reduce-scatter)
+  instead of the whole sum (an all-reduce) before the sharded optimizer update.
   """
   constrain = constrain or (lambda x, logical_axes: x)
 
-  def head_logits(head, x):
-    return constrain(head(constrain(x, ("batch", "embed"))), ("batch", "prototypes"))
+  def head_logits(head, inputs):
+    """One head call on the rows of several (S r_i, D) arrays (Meta concatenates them too: on a
+    mesh the head's weights are then gathered once); returns the (S r_i, K) logits of each."""
+    joined, sizes = layout.concat_shards(inputs, n_shards)
+    logits = constrain(head(constrain(joined, ("batch", "embed"))), ("batch", "prototypes"))
+    return layout.split_shards(logits, sizes, n_shards)
 
+  def dino_and_ibot_logits(arch_heads, cls_rows, patch_tokens):
+    """(DINO logits of each array in `cls_rows`, iBOT logits of `patch_tokens`), sharing one call
+    when iBOT shares the DINO head."""
+    dino_head, ibot_head = arch_heads
+    if ibot_head is dino_head:
+      *cls_logits, patch_logits = head_logits(dino_head, [*cls_rows, patch_tokens])
+      return cls_logits, patch_logits
+    return head_logits(dino_head, cls_rows), head_logits(ibot_head, [patch_tokens])[0]
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], tables: dict[str, jax.Array]):
     sched = values_at(tables, state.step)
@@ -110,26 +126,29 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
     # Teacher: eval mode, no masks, no gradients.
     teacher = jax.lax.stop_gradient(state.teacher)
     t_out = merge(arch.backbone, teacher["backbone"]).forward_features(global_crops, constrain=constrain)
-    t_dino_head, t_ibot_head = _heads(arch, teacher)
-    t_cls_logits = head_logits(t_dino_head, t_out["x_norm_clstoken"])
-    t_patch_logits = head_logits(t_ibot_head, _gather_tokens(t_out["x_norm_patchtokens"], indices, n_shards))
+    (t_cls_logits,), t_patch_logits = dino_and_ibot_logits(
+        _heads(arch, teacher), [t_out["x_norm_clstoken"]],
+        _gather_tokens(t_out["x_norm_patchtokens"], indices, n_shards))
     # Centring and Sinkhorn-Knopp treat rows alike (or sum over all of them): any row order will do.
     dino_targets, ibot_targets, dino_center, ibot_center = _teacher_targets(
         arch, t_cls_logits, t_patch_logits, valid, temp, state)
 
     def loss_fn(student):
       backbone = merge(arch.backbone, student["backbone"])
-      s_dino_head, s_ibot_head = _heads(arch, student)
-      s_global = backbone.forward_features(global_crops, masks, drop_path_key=key_global, constrain=constrain)
-      s_global_logits = head_logits(s_dino_head, s_global["x_norm_clstoken"])
-      s_local_logits = None
+      # Global (masked) and local crops through the blocks together, as Meta's forward_features_list.
+      crops, crop_masks, keys = [global_crops], [masks], [key_global]
       if local_crops is not None:
-        s_local = backbone.forward_features(local_crops, drop_path_key=key_local, constrain=constrain)
-        s_local_logits = crop_major(head_logits(s_dino_head, s_local["x_norm_clstoken"]), arch.n_local_crops)
+        crops, crop_masks, keys = crops + [local_crops], crop_masks + [None], keys + [key_local]
+      s_out = backbone.forward_features_list(crops, crop_masks, drop_path_keys=keys, constrain=constrain)
+      s_global = s_out[0]
+      cls_logits, s_patch_logits = dino_and_ibot_logits(
+          _heads(arch, student), [o["x_norm_clstoken"] for o in s_out],
+          _gather_tokens(s_global["x_norm_patchtokens"], indices, n_shards))
+      s_global_logits = cls_logits[0]
+      s_local_logits = crop_major(cls_logits[1], arch.n_local_crops) if local_crops is not None else None
       dino = losses.dino_loss(crop_major(s_global_logits, 2), s_local_logits, crop_major(dino_targets, 2),
                               arch.student_temp)
       koleo = _koleo(s_global["x_norm_clstoken"].astype(jnp.float32), n_shards, arch.koleo_per_shard)
-      s_patch_logits = head_logits(s_ibot_head, _gather_tokens(s_global["x_norm_patchtokens"], indices, n_shards))
       ibot = losses.ibot_patch_loss(s_patch_logits, ibot_targets, weights, n_global, arch.student_temp)
       terms = {
           "dino_local_crops_loss": arch.dino_loss_weight * dino.local_crops,
@@ -141,6 +160,8 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
       return sum(terms.values()), (terms, student_entropy)
 
     (total, (terms, student_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    if param_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, param_shardings)
 
     # Inject this step's schedule values (read from the tables, not baked into the program).
     hyper = state.opt_state.hyperparams

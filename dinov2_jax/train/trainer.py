@@ -335,7 +335,7 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
     data.set_state(data_state)
 
   constrain = sharding.activation_constraint(mesh, config.logical_axis_rules)
-  step_fn = jax.jit(make_train_step(arch, tx, feeder.num_shards, constrain), donate_argnums=0,
+  step_fn = jax.jit(make_train_step(arch, tx, feeder.num_shards, constrain, state_shardings.student), donate_argnums=0,
                     in_shardings=(state_shardings, feeder.sharding, sharding.replicated(mesh)),
                     out_shardings=(state_shardings, sharding.replicated(mesh)),
                     compiler_options=cpu_tuning.compiler_options() if config.get("cpu_tuning", True) else None)
