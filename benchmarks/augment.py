@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import print_machine  # noqa: E402
 
 from dinov2_jax.data import augment as A  # noqa: E402
 
@@ -204,6 +205,7 @@ def main(argv=None):
   parser.add_argument("--grain_batches", type=int, default=24)
   parser.add_argument("--skip_device_design", action="store_true")
   args = parser.parse_args(argv)
+  print_machine()  # before anything starts: the load average of the idle machine
 
   import jax
   cfg = A.MultiCropConfig(blur_mode=args.blur_mode)

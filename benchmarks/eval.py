@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import print_machine  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -93,6 +94,7 @@ def main():
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--skip", choices=("knn", "linear"), default=None)
   args = p.parse_args()
+  print_machine()  # before anything starts: the load average of the idle machine
   rng = np.random.default_rng(0)
   command = "python benchmarks/eval.py " + " ".join(sys.argv[1:])
   rows = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.machine import describe, print_machine  # noqa: E402
 
 HF_SIZES = {  # hub preset -> transformers config fields
     "vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
@@ -98,15 +98,16 @@ def main():
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   args = parser.parse_args()
+  print_machine()
   import jax
   import torch
   rows, device = bench(args)
   print()
   print(f"command: python {' '.join(sys.argv)}")
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
-        f"({jax.devices()[0].device_kind}), torch {torch.__version__} ({device}, {torch.get_num_threads()} threads)")
+  print(f"after the run: {describe()}; jax {jax.__version__} ({jax.devices()[0].device_kind}), torch "
+        f"{torch.__version__} ({device}, {torch.get_num_threads()} threads)")
   print()
-  print(f"| model | px | batch | dtype | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) | jax compile s |")
+  print("| model | px | batch | dtype | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) | jax compile s |")
   print("|---|---|---|---|---|---|---|---|")
   for name, size, ips_j, ips_t, ratio, comp in rows:
     print(f"| {name} | {size} | {args.batch} | {args.dtype} | {ips_j:.1f} | {ips_t:.1f} | {ratio:.2f} | {comp:.1f} |")

@@ -26,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import print_machine  # noqa: E402
 
 from benchmarks.train_step import TUNINGS, build_jax_step, parse_tuning  # noqa: E402
 
@@ -77,6 +78,7 @@ def main():
   parser.add_argument("--hlo", default="", help="write the compiled HLO text here")
   parser.add_argument("--top", type=int, default=15)
   args = parser.parse_args()
+  print_machine()  # before anything starts: the load average of the idle machine
   tuning = parse_tuning(parser, args.tuning)
 
   from dinov2_jax import cpu_tuning

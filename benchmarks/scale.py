@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,18 +42,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import print_machine  # noqa: E402
 
 PER_DEVICE = {"vits14": 64, "vitb14": 64, "vitl16_short": 64, "vitl14": 32, "vitg14": 12}  # Meta's per-GPU batch
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-
-
-def machine() -> str:
-  try:
-    model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-  except (OSError, StopIteration):
-    model = platform.processor() or "unknown CPU"
-  return f"{model}, {os.cpu_count()} cores, load average {open('/proc/loadavg').read().split()[:3]}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +328,7 @@ def main():
   if args.child:
     child(args)
     return
-  print(f"machine: {machine()}", flush=True)
+  print_machine()
   print(f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}", flush=True)
   results = []
   for model in args.models.split(","):

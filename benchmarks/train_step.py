@@ -2,8 +2,6 @@
 
     python benchmarks/train_step.py                         # ViT-S/14, 2x224 + 8x98 crops, batch 8, float32
     python benchmarks/train_step.py --model vitb14 --batch 16 --iters 10
-    python benchmarks/train_step.py --memory-only           # ViT-g/14 per-device memory, 64 fake devices (5-12 min)
-    python benchmarks/train_step.py --memory-only --drop-path-mode per_sample
 
 Throughput. One step is Meta's whole iteration (teacher forward on the global crops, student
 forward/backward on 2 global + n local crops, DINO + KoLeo + iBOT losses, per-submodule clipping,
@@ -24,30 +22,16 @@ figure is the median over `--iters` steps after `--warmup` untimed steps. Stocha
 both sides (transformers has no batch-subset drop path), the precision is float32, the positional
 embeddings of the local crops are resampled with Meta's offset 0.1 on both sides.
 
-Memory (`--memory`, `--memory-only`). In a subprocess with
-`XLA_FLAGS=--xla_force_host_platform_device_count=N` (`--devices`, default 64), the step of Meta's
-vitg14 recipe (swiglufused FFN, DINO head 131072 prototypes with bottleneck 384, separate iBOT head
-131072 prototypes, Sinkhorn-Knopp, drop path 0.4, 2x224 + 8x98 crops) with bf16 compute and remat
-is lowered on abstract `jax.ShapeDtypeStruct`s with NamedShardings (mesh data x fsdp, every state
-leaf FSDP-sharded by `tree_shardings`, batch and masked-token list split over all devices, the list
-padded to a multiple of the device count as `train/trainer.py` does) and compiled;
-`compiled.memory_analysis()` gives the per-device sizes. No real array is allocated. Variants:
-`--memory-model` (another backbone), `--drop-path-mode per_sample` (Meta's batch-subset drop path,
-the default "meta", gathers a subset of the GLOBAL batch and so replicates it on every device),
-`--no-remat`, `--replicate-mask-list`, `--per-device`, `--fsdp`. These are XLA:CPU figures: XLA:CPU
-does not keep remat's savings and fuses/schedules differently from a GPU/TPU compile (see
-benchmarks/RESULTS.md).
+The per-device memory, FLOPs and collectives of the large recipes on fake 64-device meshes are
+accounted by `benchmarks/scale.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -55,6 +39,7 @@ import types
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.machine import describe, print_machine  # noqa: E402
 
 TUNINGS = ("heap", "barrier", "ynn")
 MODELS = {  # name -> (Meta arch, embed_dim, depth, heads, ffn)
@@ -204,134 +189,6 @@ def bench(args):
               torch_threads=torch.get_num_threads(), jax_version=jax.__version__, torch_version=torch.__version__)
 
 
-# ------------------------------------------------------------------------------------------------
-# ViT-g memory on fake devices (runs in a subprocess: the device count is fixed at jax import).
-
-
-def memory_child(args):
-  import jax
-  import jax.numpy as jnp
-
-  from dinov2_jax import masking, schedules
-  from dinov2_jax.train import sharding
-  from dinov2_jax.train import state as train_state
-  from dinov2_jax.train import step as train_step
-  from dinov2_jax.train.default_config import get_default_config
-
-  n_dev = jax.device_count()
-  fsdp = args.fsdp
-  c = get_default_config()
-  # Meta's vitg14.yaml: vit_giant2, patch 14, swiglufused, drop path 0.4, layerscale 1e-5,
-  # DINO 131072 prototypes / bottleneck 384, separate iBOT head 131072, Sinkhorn-Knopp, 98 px locals.
-  arch_name, dim, depth, heads, ffn = MODELS[args.memory_model]
-  c.student.update(arch=arch_name, embed_dim=dim, depth=depth, num_heads=heads, patch_size=14, ffn_layer=ffn,
-                   drop_path_rate=0.4, layerscale=1e-5, drop_path_mode=args.drop_path_mode)
-  c.dino.update(head_n_prototypes=131072, head_bottleneck_dim=384)
-  c.ibot.update(separate_head=True, head_n_prototypes=131072, head_bottleneck_dim=256)
-  c.crops.update(global_crops_size=224, local_crops_size=98, local_crops_number=8)
-  c.centering = "sinkhorn_knopp"
-  c.compute_dtype = "bfloat16"
-  c.remat_policy = "full" if args.remat else "none"
-  batch = args.per_device * n_dev
-  c.batch_size = batch
-
-  # As train/trainer.py: Meta's batch-subset drop path draws its subset per data shard (all devices).
-  arch = train_state.make_arch(c, drop_path_groups=n_dev)
-  student = train_state.abstract_student(c)
-  tx = train_step.build_optimizer_for(student, c)
-  state = jax.eval_shape(lambda s: train_state.init_train_state(s, tx, c, 0), student)
-  mesh = sharding.make_mesh((("data", n_dev // fsdp), ("fsdp", fsdp)))
-  state_sh = sharding.tree_shardings(state, mesh, rules=((".*", "fsdp"),))
-  n_tokens = (224 // 14) ** 2
-  # Per data shard (one per device), Meta's static upper bound on one GPU's masked tokens; the
-  # step gathers them within each shard (dinov2_jax/data/layout.py).
-  upper = n_dev * masking.mask_upperbound(2 * args.per_device, n_tokens)
-  bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  mask_sh = bsh
-  sds = jax.ShapeDtypeStruct
-  batch_abs = dict(
-      global_crops=sds((2 * batch, 224, 224, 3), jnp.float32, sharding=bsh),
-      local_crops=sds((8 * batch, 98, 98, 3), jnp.float32, sharding=bsh),
-      masks=sds((2 * batch, n_tokens), jnp.bool_, sharding=bsh),
-      mask_indices=sds((upper,), jnp.int32, sharding=mask_sh),
-      mask_weights=sds((upper,), jnp.float32, sharding=mask_sh),
-      mask_valid=sds((upper,), jnp.bool_, sharding=mask_sh))
-  tables = schedules.build_schedules(lr=1e-3).tables()
-  tables_abs = {k: sds(v.shape, v.dtype, sharding=rep) for k, v in tables.items()}
-  state_abs = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), state, state_sh)
-
-  step = jax.jit(train_step.make_train_step(arch, tx, n_dev), donate_argnums=0, out_shardings=(state_sh, rep))
-  print(f"lowering {args.memory_model} on {n_dev} devices ...", file=sys.stderr, flush=True)
-  t0 = time.perf_counter()
-  lowered = step.lower(state_abs, batch_abs, tables_abs)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-
-  def shard_bytes(x, s):
-    return int(np.prod(s.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-
-  def total_bytes(x):
-    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-  parts = {k: getattr(state, k) for k in ("student", "teacher", "opt_state")}
-  out = dict(
-      model=args.memory_model, remat=args.remat, drop_path_mode=args.drop_path_mode,
-      devices=n_dev, mesh=dict(data=n_dev // fsdp, fsdp=fsdp), global_batch=batch, per_device=args.per_device,
-      mask_upperbound=upper, lower_s=lower_s, compile_s=compile_s,
-      n_student_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.student))),
-      state_total_bytes={k: sum(total_bytes(x) for x in jax.tree.leaves(v)) for k, v in parts.items()},
-      state_per_device_bytes={k: sum(shard_bytes(x, s) for x, s in zip(jax.tree.leaves(v), jax.tree.leaves(
-          getattr(state_sh, k)))) for k, v in parts.items()},
-      memory_analysis={f: int(getattr(mem, f)) for f in (
-          "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-          "generated_code_size_in_bytes") if hasattr(mem, f)},
-      jax_version=jax.__version__)
-  print("MEMORY_JSON " + json.dumps(out), flush=True)
-
-
-def memory(args):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--per-device", str(args.per_device),
-         "--fsdp", str(args.fsdp), "--memory-model", args.memory_model, "--drop-path-mode", args.drop_path_mode,
-         "--remat" if args.remat else "--no-remat"]
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  wall = time.perf_counter() - t0
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
-  if proc.returncode or not lines:
-    raise RuntimeError(f"memory subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-  result = json.loads(lines[-1][len("MEMORY_JSON "):])
-  result["wall_s"] = wall
-  return result
-
-
-def gib(n):
-  return n / 2 ** 30
-
-
-def print_memory(m):
-  ma = m["memory_analysis"]
-  live = ma["argument_size_in_bytes"] + ma["output_size_in_bytes"] - ma.get("alias_size_in_bytes", 0) \
-      + ma["temp_size_in_bytes"]
-  print(f"\n{m['model']} step memory per device: {m['devices']} fake CPU devices, mesh data={m['mesh']['data']} x "
-        f"fsdp={m['mesh']['fsdp']}, global batch {m['global_batch']} ({m['per_device']} per device), "
-        f"masked-token list of {m['mask_upperbound']} (per data shard), drop path 0.4 mode "
-        f"{m['drop_path_mode']}, remat {m['remat']}; lower {m['lower_s']:.0f} s, compile {m['compile_s']:.0f} s")
-  print(f"student parameters: {m['n_student_params'] / 1e9:.3f} B")
-  print()
-  print("| quantity | total GiB | per device GiB |")
-  print("|---|---|---|")
-  for k in ("student", "teacher", "opt_state"):
-    print(f"| {k} (state, from the shardings) | {gib(m['state_total_bytes'][k]):.2f} | "
-          f"{gib(m['state_per_device_bytes'][k]):.3f} |")
-  for k, v in ma.items():
-    print(f"| memory_analysis: {k} | | {gib(v):.3f} |")
-  print(f"| **arguments + outputs - aliased + temp** | | **{gib(live):.2f}** |")
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="vits14", choices=sorted(MODELS))
@@ -347,47 +204,30 @@ def main():
                            "(reuse freed host memory; both frameworks), barrier (residual-gradient barrier in "
                            "the JAX backbone), ynn (no YNNPACK reductions in the JAX step). Default: all, as "
                            "the trainer does")
-  parser.add_argument("--memory", action="store_true", help="also the ViT-g/14 per-device memory (subprocess)")
-  parser.add_argument("--memory-only", action="store_true", help="only the ViT-g/14 memory analysis")
-  parser.add_argument("--devices", type=int, default=64, help="fake CPU devices for --memory")
-  parser.add_argument("--fsdp", type=int, default=8, help="fsdp axis size for --memory (data = devices / fsdp)")
-  parser.add_argument("--per-device", type=int, default=12, help="images per device for --memory (Meta vitg14: 12)")
-  parser.add_argument("--memory-model", default="vitg14", choices=sorted(MODELS), help="backbone for --memory")
-  parser.add_argument("--drop-path-mode", default="meta", choices=("meta", "per_sample"),
-                      help="--memory: stochastic depth 0.4 as Meta (batch subset) or per sample")
-  parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
-                      help="--memory: recompute each block in the backward pass (default on)")
-  parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.memory_child:
-    memory_child(args)
-    return
+  print_machine()  # before anything starts: the load average of the idle machine
 
   print(f"command: python {' '.join(sys.argv)}")
   args.tuning = parse_tuning(parser, args.tuning)
-  if "heap" in args.tuning and not args.memory_only:
+  if "heap" in args.tuning:
     from dinov2_jax import cpu_tuning
     # Before JAX or torch start their threads; it serves both frameworks' allocations alike.
     print(f"heap reuse (cpu_tuning.keep_freed_host_memory) applied: {cpu_tuning.keep_freed_host_memory()}")
-  if not args.memory_only:
-    r = bench(args)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}; jax {r['jax_version']} (CPU), torch {r['torch_version']} "
-          f"({r['torch_threads']} threads)")
-    print()
-    print("| model | crops | batch (images) | K | tuning | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) "
-          "| jax s/step: wall (CPU, kernel) | torch s/step: wall (CPU, kernel) | page faults/step jax, torch "
-          "| jax compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.model} | 2x{args.global_size} + {args.n_local}x{args.local_size} | {args.batch} | "
-          f"{args.prototypes} | {','.join(sorted(args.tuning)) or 'none'} | {r['ips_jax']:.3f} | "
-          f"{r['ips_torch']:.3f} | **{r['ratio']:.2f}** | "
-          f"{r['jax_s']:.2f} ({r['jax_cpu_s']:.2f}, {r['jax_kernel_s']:.2f}) | "
-          f"{r['torch_s']:.2f} ({r['torch_cpu_s']:.2f}, {r['torch_kernel_s']:.2f}) | "
-          f"{r['jax_faults']:.0f}, {r['torch_faults']:.0f} | {r['compile_s']:.1f} |")
-    print(f"(median over {args.iters} alternating steps after {args.warmup} warm-up; JAX init {r['init_s']:.1f} s)")
-  if args.memory or args.memory_only:
-    print_memory(memory(args))
+  r = bench(args)
+  print(f"after the run: {describe()}; jax {r['jax_version']} (CPU), torch {r['torch_version']} "
+        f"({r['torch_threads']} threads)")
+  print()
+  print("| model | crops | batch (images) | K | tuning | dinov2-jax img/s | PyTorch img/s | ratio (jax/torch) "
+        "| jax s/step: wall (CPU, kernel) | torch s/step: wall (CPU, kernel) | page faults/step jax, torch "
+        "| jax compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print(f"| {args.model} | 2x{args.global_size} + {args.n_local}x{args.local_size} | {args.batch} | "
+        f"{args.prototypes} | {','.join(sorted(args.tuning)) or 'none'} | {r['ips_jax']:.3f} | "
+        f"{r['ips_torch']:.3f} | **{r['ratio']:.2f}** | "
+        f"{r['jax_s']:.2f} ({r['jax_cpu_s']:.2f}, {r['jax_kernel_s']:.2f}) | "
+        f"{r['torch_s']:.2f} ({r['torch_cpu_s']:.2f}, {r['torch_kernel_s']:.2f}) | "
+        f"{r['jax_faults']:.0f}, {r['torch_faults']:.0f} | {r['compile_s']:.1f} |")
+  print(f"(median over {args.iters} alternating steps after {args.warmup} warm-up; JAX init {r['init_s']:.1f} s)")
 
 
 if __name__ == "__main__":

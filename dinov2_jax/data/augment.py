@@ -58,13 +58,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from scipy import ndimage
 
+from dinov2_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize  # noqa: F401  (re-exported)
 from dinov2_jax.models.vit import check_patch_multiple
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Normalising from uint8 as (x - 255 mean) * 1 / (255 std) is one subtract and one multiply.
-_MEAN_255 = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
-_INV_STD_255 = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
 
 # (global crop 1, global crop 2, local crops); see the module docstring.
 BLUR_PROBS = {"paper": (1.0, 0.1, 0.5), "meta": (0.0, 0.9, 0.5)}
@@ -273,11 +269,6 @@ def gaussian_blur(x: np.ndarray, sigma: float, kernel_size: int = 9) -> np.ndarr
 def solarize(x: np.ndarray, threshold: int = 128) -> np.ndarray:
   """uint8 -> uint8: pixels >= threshold become 255 - pixel."""
   return np.where(x >= threshold, 255 - x, x)
-
-
-def imagenet_normalize(x):
-  """uint8 (..., 3) -> float32 (x / 255 - mean) / std, for numpy and jax arrays (in jit too)."""
-  return (x.astype(np.float32) - _MEAN_255) * _INV_STD_255
 
 
 def to_pil_rgb(image: np.ndarray | Image.Image) -> Image.Image:

@@ -32,7 +32,7 @@ import optax
 
 from dinov2_jax import health, losses, optim
 from dinov2_jax.data import layout
-from dinov2_jax.data.augment import imagenet_normalize
+from dinov2_jax.data.normalize import imagenet_normalize
 from dinov2_jax.schedules import values_at
 from dinov2_jax.train.state import SSLArch, TrainState, merge
 
