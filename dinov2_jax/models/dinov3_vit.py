@@ -35,7 +35,7 @@ from flax import nnx
 
 from dinov2_jax.models.attention import ATTENTION_IMPLS, multi_head_attention
 from dinov2_jax.models.vit import (LAYER_NORM_EPS, LayerScale, Mlp, PatchEmbed, _dense, _identity, _layer_norm,
-                                   check_image_shape)
+                                   check_image_shape, intermediate_block_indices, split_intermediate_outputs)
 
 NORM_LAYERS = {"layernorm": LAYER_NORM_EPS, "layernormbf16": 1e-5, "rmsnorm": 1e-5}  # Meta's names -> eps
 # SwiGLU widths are rounded up to these multiples. "swiglu1" (no rounding) is not one of Meta's names:
@@ -403,21 +403,12 @@ class DinoV3VisionTransformer(nnx.Module):
     Returns:
       A tuple, in block order, of patch tokens (storage tokens dropped) or `(patches, cls)` pairs.
     """
-    depth = len(self.blocks)
-    keep = [int(i) for i in (range(depth - n, depth) if isinstance(n, int) else n)]
-    if any(not 0 <= i < depth for i in keep) or not keep:
-      raise ValueError(f"block indices {keep} out of range for a backbone of depth {depth}")
+    keep = intermediate_block_indices(n, len(self.blocks))
     _, outputs = self._run_blocks(self.prepare_tokens(images), self._grid(images), keep=keep)
     if norm:
       outputs = [self._norm_tokens(o) for o in outputs]
-    r = self.cfg.n_storage_tokens
-    b, (h, w) = images.shape[0], self._grid(images)
-    patches = [o[:, r + 1:] for o in outputs]
-    if reshape:
-      patches = [p.reshape(b, h, w, -1) for p in patches]
-    if return_class_token:
-      return tuple(zip(patches, [o[:, 0] for o in outputs]))
-    return tuple(patches)
+    return split_intermediate_outputs(outputs, self.cfg.n_storage_tokens, self._grid(images), reshape,
+                                      return_class_token)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """The final-normed CLS token (B, D): Meta's `forward(x)` with its identity head."""

@@ -572,26 +572,37 @@ class DinoVisionTransformer(nnx.Module):
       A tuple, in block order, of patch tokens (register tokens dropped) or `(patches, cls)` pairs.
     """
     depth = len(self.blocks)
-    keep = range(depth - n, depth) if isinstance(n, int) else n
-    keep = [int(i) for i in keep]
-    if any(not 0 <= i < depth for i in keep) or not keep:
-      raise ValueError(f"block indices {list(keep)} out of range for a backbone of depth {depth}")
-    x = self.prepare_tokens(images)
-    _, outputs = self._run_blocks([x], [None], keep=keep)
+    keep = intermediate_block_indices(n, depth)
+    _, outputs = self._run_blocks([self.prepare_tokens(images)], [None], keep=keep)
     if norm:
       outputs = [self.norm(o) for o in outputs]
-    r = self.cfg.num_register_tokens
-    b, h, w = images.shape[0], images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size
-    patches = [o[:, r + 1:] for o in outputs]
-    if reshape:
-      patches = [p.reshape(b, h, w, -1) for p in patches]
-    if return_class_token:
-      return tuple(zip(patches, [o[:, 0] for o in outputs]))
-    return tuple(patches)
+    grid = (images.shape[1] // self.cfg.patch_size, images.shape[2] // self.cfg.patch_size)
+    return split_intermediate_outputs(outputs, self.cfg.num_register_tokens, grid, reshape, return_class_token)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """The final-normed CLS token (B, D): Meta's `forward(x)` with its identity head."""
     return self.forward_features(images)["x_norm_clstoken"]
+
+
+def intermediate_block_indices(n: int | Sequence[int], depth: int) -> list[int]:
+  """`get_intermediate_layers`' `n`: an int takes the last n blocks, a sequence those 0-based indices."""
+  keep = [int(i) for i in (range(depth - n, depth) if isinstance(n, int) else n)]
+  if any(not 0 <= i < depth for i in keep) or not keep:
+    raise ValueError(f"block indices {keep} out of range for a backbone of depth {depth}")
+  return keep
+
+
+def split_intermediate_outputs(outputs: Sequence[jax.Array], n_prefix: int, grid: tuple[int, int], reshape: bool,
+                               return_class_token: bool) -> tuple:
+  """(B, 1 + R + h*w, D) block outputs -> `get_intermediate_layers`' tuple: patch tokens ((B, h*w, D),
+  or (B, h, w, D) NHWC with `reshape`), paired with the CLS tokens (B, D) if asked; R = `n_prefix`
+  register/storage tokens are dropped."""
+  patches = [o[:, n_prefix + 1:] for o in outputs]
+  if reshape:
+    patches = [p.reshape(p.shape[0], grid[0], grid[1], -1) for p in patches]
+  if return_class_token:
+    return tuple(zip(patches, [o[:, 0] for o in outputs]))
+  return tuple(patches)
 
 
 def create_backbone(cfg: ViTConfig | str, *, seed: int = 0, **overrides: Any) -> DinoVisionTransformer:
