@@ -80,9 +80,9 @@ def resolve_config_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
   for i, arg in enumerate(argv):
     for prefix in (f"--{flag}=", f"-{flag}="):
       if arg.startswith(prefix):
+        get_config(arg[len(prefix):])
         argv[i] = prefix + resolve(arg[len(prefix):])
-        get_config(argv[i][len(prefix):])
     if arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
-      argv[i + 1] = resolve(argv[i + 1])
       get_config(argv[i + 1])
+      argv[i + 1] = resolve(argv[i + 1])
   return argv

@@ -89,6 +89,15 @@ def resolution(config) -> tuple[int, str]:
   return DEFAULT_RESOLUTION, "the default; set --config.resolution to change it"
 
 
+def check_resolution(resolution: int, patch_size: int) -> None:
+  """Raises a `ConfigError` unless the crop side is a positive multiple of the model's patch size."""
+  from dinov2_jax.models.vit import check_image_shape
+  try:
+    check_image_shape((1, resolution, resolution, 3), patch_size)
+  except ValueError as e:
+    raise ConfigError(f"config.resolution={resolution}: {e}") from None
+
+
 def _tag(text: str) -> str:
   return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_") or "x"
 

@@ -262,6 +262,7 @@ def run(config, log=log_print) -> dict:
   out_dir = eval_config.output_dir(config, "knn")
   resolution, why = eval_config.resolution(config)
   backbone = eval_config.backbone_from_config(config)
+  eval_config.check_resolution(resolution, backbone.config.patch_size)
   if log:
     log(f"k-NN: {config.weights or 'random ' + config.model.preset + ' weights'}, {config.dataset.kind} data, "
         f"{resolution} px ({why}); output in {out_dir}")

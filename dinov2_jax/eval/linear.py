@@ -483,6 +483,7 @@ def run(config, log=log_print) -> dict:
   out_dir = eval_config.output_dir(config, "linear")
   resolution, why = eval_config.resolution(config)
   backbone = eval_config.backbone_from_config(config)
+  eval_config.check_resolution(resolution, backbone.config.patch_size)
   n_blocks = max(lc.n_last_blocks)
   if n_blocks > backbone.config.depth:
     raise eval_config.ConfigError(f"config.linear.n_last_blocks={tuple(lc.n_last_blocks)} exceeds the backbone "
