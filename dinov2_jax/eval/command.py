@@ -129,6 +129,9 @@ def run_command(run: Callable[[Any], dict], module_doc: str, default_recipe: str
       raise app.UsageError(f"unexpected arguments {args[1:]}; config fields are set as --config.FIELD=VALUE")
     try:
       distributed.initialize_from_flags()
+      if jax.process_count() > 1:
+        log_print(f"{jax.process_count()} processes, {jax.device_count()} devices in all "
+                  f"({jax.local_device_count()} per process)")
       run(flags.FLAGS.config)
     except user_errors() as e:
       print(f"error: {e}", file=sys.stderr)

@@ -302,7 +302,7 @@ def train_linear(
   embed_dim = source.embed_dim
   groups = _groups(specs)
   step = _train_step(groups, mesh)
-  replicated = NamedSharding(mesh, P())
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = init_params(seed, specs, embed_dim, num_classes)
   momentum = jax.device_put(jax.tree.map(np.zeros_like, params), replicated)
   params = jax.device_put(params, replicated)
@@ -316,8 +316,10 @@ def train_linear(
   for it in range(total):
     idx = np.sort(next(stream))  # sorted: memory-mapped feature files are read in order
     cls_blocks, patch_mean = source.batch(idx, it, m)
-    params, momentum, loss = step(params, momentum, lrs, cls_blocks, patch_mean, labels[idx],
-                                  np.float32(cosine_factor(it, total)))
+    # Placed explicitly: in a multi-process run jit refuses host arrays for sharded inputs.
+    cls_blocks, patch_mean, batch_labels = jax.device_put((cls_blocks, patch_mean, labels[idx]), batch_sharding)
+    params, momentum, loss = step(params, momentum, lrs, cls_blocks, patch_mean, batch_labels,
+                                  jax.device_put(np.float32(cosine_factor(it, total)), replicated))
     # At most two steps in flight: the next batch is gathered while this one runs, and the host
     # never queues an unbounded number of all-reduces (which deadlocks XLA's CPU collectives).
     if previous is not None:
