@@ -23,7 +23,8 @@ examples:
   dinov2-jax convert dinov2_vitb14_pretrain.pth vitb14.safetensors
   dinov2-jax convert facebook-dinov2-small/model.safetensors dinov2_vits14.pth
   dinov2-jax convert teacher_checkpoint.pth backbone.pth --backbone-only
-  dinov2-jax convert dinov2_vitb14_pretrain.pth hf_model.safetensors --layout hf
+  dinov2-jax convert dinov2_vitb14_pretrain.pth dinov2-base-hf --layout hf   # a folder for
+      transformers: model.safetensors + config.json, loads with Dinov2Model.from_pretrained("dinov2-base-hf")
 """
 
 
@@ -61,13 +62,38 @@ def convert(args: argparse.Namespace) -> int:
   if args.layout == "hf":
     if heads:
       raise SystemExit("error: --layout hf writes a backbone only; add --backbone-only")
-    write_state_dict(conv.meta_to_hf(backbone.state_dict()), args.output)
+    write_hf(backbone, args.output)
+    return 0
   elif heads:
     api.save_training_checkpoint(args.output, backbone, heads, block_chunks=args.block_chunks)
   else:
     backbone.save(args.output, block_chunks=args.block_chunks)
   print(f"wrote {args.output}")
   return 0
+
+
+def write_hf(backbone, output: str) -> None:
+  """transformers' layout: the weights plus `config.json`, so `Dinov2Model.from_pretrained(folder)` loads it.
+
+  `output` is a folder (gets `model.safetensors`) or a weights file (`config.json` goes beside it;
+  from_pretrained looks for the name model.safetensors or pytorch_model.bin).
+  """
+  import json
+
+  from dinov2_jax.weights import convert as conv
+  from dinov2_jax.weights.io import write_state_dict
+
+  config = conv.hf_config(backbone.config)  # before writing anything: refuses what transformers cannot load
+  folder, weights = (output, os.path.join(output, "model.safetensors")) if not os.path.splitext(output)[1] else (
+      os.path.dirname(os.path.abspath(output)), output)
+  os.makedirs(folder, exist_ok=True)
+  write_state_dict(conv.meta_to_hf(backbone.state_dict()), weights)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  print(f"wrote {weights} and {os.path.join(folder, 'config.json')} ({config['architectures'][0]})")
+  if os.path.basename(weights) not in ("model.safetensors", "pytorch_model.bin"):
+    print(f"note: transformers' from_pretrained({folder!r}) looks for model.safetensors; rename {weights} or pass "
+          "a folder as the output")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -83,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("convert", help="convert weights between Meta, transformers and our formats",
                      description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("input", help="weights file to read (.pth, .bin, .safetensors)")
-  p.add_argument("output", help="file to write; .pth or .safetensors")
+  p.add_argument("output", help="file to write (.pth or .safetensors), or with --layout hf a folder")
   p.add_argument("--set", metavar="FIELD=VALUE", action="append", type=_parse_override,
                  help="override an inferred backbone field, e.g. --set num_heads=8 --set interpolate_offset=0.0 "
                       "(repeatable)")
@@ -91,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--block-chunks", type=int, default=0,
                  help="write block keys as blocks.{chunk}.{i} like Meta's block_chunks=N models (default 0: blocks.{i})")
   p.add_argument("--layout", choices=("meta", "hf"), default="meta",
-                 help="key names of the output: Meta's (default) or transformers' Dinov2")
+                 help="key names of the output: Meta's (default) or transformers' Dinov2 (also writes config.json)")
   p.add_argument("--no-strict", action="store_true", help="skip missing/unexpected tensors instead of failing")
   p.set_defaults(func=convert)
 
