@@ -371,14 +371,18 @@ def evaluate_linear(clf: LinearClassifiers, features: Mapping[str, np.ndarray], 
 
 
 def stratified_split(labels: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(train, val) sorted row indices: round(fraction * n_c) random rows of each class c go to val."""
+  """(train, val) sorted row indices: round(fraction * n_c) random rows of each class c go to val, and at
+  least one for a class of two or more rows, so that small datasets still select on every class."""
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
   val = []
   order = np.argsort(labels, kind="stable")
   _, starts = np.unique(labels[order], return_index=True)
   for members in np.split(order, starts[1:]):
-    val.append(rng.permutation(members)[:int(round(fraction * len(members)))])
+    n_val = int(round(fraction * len(members)))
+    if fraction > 0 and len(members) >= 2:
+      n_val = max(n_val, 1)
+    val.append(rng.permutation(members)[:n_val])
   val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
   if len(val) == 0:
     raise ValueError(f"a {fraction:.0%} held-out split of {len(labels)} examples is empty; raise val_fraction")
