@@ -15,8 +15,10 @@ up among the packaged recipes, so the commands work from any folder after `pip i
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -70,19 +72,44 @@ def get_config(value: str):
     raise RecipeNotFound(f"--config {value}: {e}") from None
 
 
-def resolve_config_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
+def check_overrides(config, argv: Sequence[str], value: str, flag: str = "config") -> None:
+  """Raises `RecipeNotFound` naming the first `--config.FIELD=...` of `argv` that `config` does not have.
+
+  (config_flags would raise a traceback for it while the flags are defined.)
+  """
+  for arg in argv:
+    m = re.match(rf"^--?(?:no)?{flag}\.([^=]+)", arg)
+    if not m:
+      continue
+    node = config
+    for depth, part in enumerate(m.group(1).split(".")):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(m.group(1).split(".")[:depth]) or "the config"
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; it has {sorted(keys)}"
+        raise RecipeNotFound(f"--{flag}.{m.group(1)}: {where} of {value} has no field {part!r}{hint} "
+                             "(--help lists the fields)")
+      node = node[part]
+
+
+def resolve_config_argv(argv: Sequence[str], flag: str = "config", default: str | None = None) -> list[str]:
   """`argv` with the value of `--config` (either `--config X` or `--config=X`) resolved by `resolve`.
 
-  The recipe is also built once, so that an unknown variant is reported in one line here rather than
-  as a traceback inside the flags parser.
+  The recipe (or `default` when `--config` is absent) is also built once, so that an unknown
+  variant or override field is reported in one line here rather than as a traceback inside the
+  flags parser.
   """
   argv = list(argv)
+  value = default
   for i, arg in enumerate(argv):
     for prefix in (f"--{flag}=", f"-{flag}="):
       if arg.startswith(prefix):
-        get_config(arg[len(prefix):])
-        argv[i] = prefix + resolve(arg[len(prefix):])
+        value = arg[len(prefix):]
+        argv[i] = prefix + resolve(value)
     if arg in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
-      get_config(argv[i + 1])
-      argv[i + 1] = resolve(argv[i + 1])
+      value = argv[i + 1]
+      argv[i + 1] = resolve(value)
+  if value is not None:
+    check_overrides(get_config(value), argv, value, flag)
   return argv

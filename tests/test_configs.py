@@ -56,6 +56,8 @@ def test_recipes_are_found_by_name_or_path_from_any_folder(tmp_path, monkeypatch
       "--config=" + recipes.path("eval_knn") + ":imagenet")
   with pytest.raises(recipes.RecipeNotFound, match="unknown variant 'vith14' of the pretrain recipe"):
     recipes.resolve_config_argv(["prog", "--config=pretrain:vith14"])
+  with pytest.raises(recipes.RecipeNotFound, match="optim of demo has no field 'base_rl'; did you mean 'base_lr'"):
+    recipes.resolve_config_argv(["prog", "--config", "demo", "--config.optim.base_rl=1"])
 
 
 def test_training_entry_point_takes_a_recipe_name(tmp_path):

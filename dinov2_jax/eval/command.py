@@ -113,7 +113,7 @@ def run_command(run: Callable[[Any], dict], module_doc: str, default_recipe: str
     print(_help_text(module_doc, default_recipe))
     sys.exit(0)
   try:
-    argv = recipes.resolve_config_argv(argv)
+    argv = recipes.resolve_config_argv(argv, default=default_recipe)
   except recipes.RecipeNotFound as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
