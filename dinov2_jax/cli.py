@@ -40,7 +40,6 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 def convert(args: argparse.Namespace) -> int:
   from dinov2_jax import api
-  from dinov2_jax.weights import convert as conv
   from dinov2_jax.weights.io import read_weights, write_state_dict
 
   overrides = dict(args.set or [])

@@ -3,6 +3,7 @@
 through jax.distributed on 127.0.0.1, launched with the commands' own --coordinator_address flags)."""
 
 import json
+import re
 import signal
 import time
 
@@ -45,6 +46,12 @@ def _assert_same_features(a, b):
       np.testing.assert_allclose(sa.load(name), sb.load(name), atol=1e-5, rtol=1e-5)
 
 
+def _assert_same_digest(outputs):
+  """Every process computed the same results (each prints a digest of its results dict)."""
+  digests = [re.search(rf"process {i} of 2: results digest (\w+)", out).group(1) for i, out in enumerate(outputs)]
+  assert digests[0] == digests[1], digests
+
+
 def test_knn_with_2_processes_equals_1_process(tmp_path):
   one, _ = _run(tmp_path, "one", "dinov2_jax.eval.knn", 1)
   two, outputs = _run(tmp_path, "two", "dinov2_jax.eval.knn", 2)
@@ -52,6 +59,7 @@ def test_knn_with_2_processes_equals_1_process(tmp_path):
   r1, r2 = (json.loads((d / "knn_results.json").read_text()) for d in (one, two))
   assert r1["results"] == r2["results"] and r1["num_train"] == r2["num_train"] == 150
   assert "2 processes, 8 devices in all (4 per process)" in outputs[0]
+  _assert_same_digest(outputs)
   # Both processes computed the table; only process 0 printed it.
   assert "| k | top-1 | top-5 |" in outputs[0] and "| k | top-1 | top-5 |" not in outputs[1]
 
@@ -60,7 +68,8 @@ def test_linear_with_2_processes_equals_1_process(tmp_path):
   extra = ["--config.linear.epochs=2", "--config.linear.epoch_length=20", "--config.linear.batch_size=32",
            "--config.linear.n_last_blocks=(1,2)"]
   one, _ = _run(tmp_path, "one", "dinov2_jax.eval.linear", 1, extra)
-  two, _ = _run(tmp_path, "two", "dinov2_jax.eval.linear", 2, extra)
+  two, outputs = _run(tmp_path, "two", "dinov2_jax.eval.linear", 2, extra)
+  _assert_same_digest(outputs)
   _assert_same_features(one, two)
   r1, r2 = (json.loads((d / "linear_results.json").read_text()) for d in (one, two))
   assert r1["best_classifier"] == r2["best_classifier"] and r1["eval"] == r2["eval"]

@@ -8,7 +8,6 @@ overrides, plus the multi-host flags of `dinov2_jax/distributed.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -21,9 +20,13 @@ from dinov2_jax.eval import features as F
 from dinov2_jax.eval import store as store_lib
 from dinov2_jax.eval.progress import log_print
 
-# Mistakes in the command line, the config, the data or the weights: reported in one line, no traceback.
-# (Anything else is a bug and keeps its traceback.)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
+  """Mistakes in the command line, config, data or weights: reported in one line, without a traceback.
+
+  Anything else is a bug and keeps its traceback.
+  """
   from dinov2_jax.data.sources import DatasetError
   from dinov2_jax.weights.torch_format import CheckpointError
   return (eval_config.ConfigError, DatasetError, CheckpointError, store_lib.FeatureCacheMismatch,
@@ -55,6 +58,14 @@ def data_summary(train: F.FeatureStore, test: F.FeatureStore) -> dict:
       "images_per_class": {"train": train.class_counts(), "eval": test.class_counts()},
       "skipped_unreadable": {"train": len(train.skipped), "eval": len(test.skipped)},
   }
+
+
+def results_digest(results: Mapping[str, Any]) -> str:
+  """SHA-1 of a results dict without its timing: equal in every process of a multi-host run."""
+  import hashlib
+  import json
+  timeless = {k: v for k, v in results.items() if k != "elapsed_s"}
+  return hashlib.sha1(json.dumps(timeless, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
@@ -132,7 +143,10 @@ def run_command(run: Callable[[Any], dict], module_doc: str, default_recipe: str
       if jax.process_count() > 1:
         log_print(f"{jax.process_count()} processes, {jax.device_count()} devices in all "
                   f"({jax.local_device_count()} per process)")
-      run(flags.FLAGS.config)
+      results = run(flags.FLAGS.config)
+      if jax.process_count() > 1:  # every process prints a digest of its results: they must agree
+        print(f"process {jax.process_index()} of {jax.process_count()}: results digest {results_digest(results)}",
+              flush=True)
     except user_errors() as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
