@@ -113,15 +113,15 @@ def check_crop_size(size: int, patch_size: int, name: str = "crop size") -> int:
   """Returns `size` if it is a positive multiple of `patch_size`, else raises a ValueError.
 
   Meta's default local size 96 is not a multiple of 14: its patch embedding silently drops the
-  12 leftover pixels. We refuse such sizes and name the nearest valid ones instead.
+  12 leftover pixels. We refuse such sizes and name the nearest valid ones instead (the check is
+  the backbone's own, `models.vit.check_image_shape`).
   """
-  if size > 0 and size % patch_size == 0:
-    return size
-  lower = size // patch_size * patch_size
-  nearest = [v for v in (lower, lower + patch_size) if v > 0]
-  raise ValueError(
-      f"{name}={size} is not a multiple of patch_size={patch_size}; "
-      f"nearest valid sizes: {' or '.join(map(str, nearest))}.")
+  from dinov2_jax.models.vit import check_image_shape
+  try:
+    check_image_shape((1, size, size, 3), patch_size)
+  except ValueError as e:
+    raise ValueError(f"{name}={size}: {e}") from None
+  return size
 
 
 # ----------------------------------------------------------------------------------------------
