@@ -134,3 +134,12 @@ def test_default_output_folders_and_resolution():
   demo_weights = config()
   demo_weights.weights = "/w/x.pth"
   assert eval_config.resolution(demo_weights)[0] == 224
+
+
+def test_a_folder_of_classes_without_splits_says_how_to_lay_it_out(tmp_path):
+  for name in ("cat", "dog"):
+    (tmp_path / "mine" / name).mkdir(parents=True)
+  out = _run(["dinov2_jax.eval.knn", "--config.dataset.kind=folder", f"--config.dataset.path={tmp_path / 'mine'}",
+              *TINY], tmp_path, timeout=120)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "has no split folder 'train'" in out.stderr and "if ['cat', 'dog'] are your classes" in out.stderr

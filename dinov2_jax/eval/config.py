@@ -159,7 +159,10 @@ def splits(config) -> tuple[str, str]:
   d = config.dataset
   if d.kind not in ds.KINDS:
     raise ConfigError(f"config.dataset.kind={d.kind!r}; expected one of {ds.KINDS}")
-  eval_split = d.eval_split or ds.default_eval_split(d.kind, **_where(config))
+  where = _where(config)
+  if d.kind == "folder":
+    ds.check_folder_split(where["path"], d.train_split)  # before looking for an evaluation split
+  eval_split = d.eval_split or ds.default_eval_split(d.kind, **where)
   return d.train_split, eval_split
 
 

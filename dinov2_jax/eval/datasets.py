@@ -120,6 +120,18 @@ def folder_splits(path: str) -> list[str]:
   return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
 
 
+def check_folder_split(path: str, split: str) -> None:
+  """Raises a `DatasetError` saying how to lay the folder out unless `path/split` is one of its splits."""
+  splits = folder_splits(path)
+  if split in splits:
+    return
+  hint = (f"; if {splits[:3]} are your classes, move them into {path}/train/ and hold some images of each "
+          f"out in {path}/val/<class>/" if split == "train" and splits else "")
+  raise DatasetError(f"dataset folder {path!r} has no split folder {split!r}; its sub-folders are {splits} "
+                     f"(expected {path}/<split>/<class>/<image>.jpg; choose the splits with "
+                     f"--config.dataset.train_split / eval_split){hint}")
+
+
 def available_splits(kind: str, *, path: str | None = None, name: str | None = None,
                      data_dir: str | None = None) -> list[str]:
   """The split names a dataset has (folder: its sub-folders; TFDS: its prepared splits)."""
@@ -161,11 +173,7 @@ def get_dataset(kind: str, split: str, *, path: str | None = None, name: str | N
   if kind == "folder":
     if not path:
       raise DatasetError("dataset.kind='folder' needs --config.dataset.path=DIR (DIR/<split>/<class>/<image>.jpg)")
-    splits = folder_splits(path)
-    if split not in splits:
-      raise DatasetError(f"dataset folder {path!r} has no split folder {split!r}; its sub-folders are {splits} "
-                         f"(expected {path}/<split>/<class>/<image>.jpg; choose them with "
-                         "--config.dataset.train_split / eval_split)")
+    check_folder_split(path, split)
     return FolderDataset(os.path.join(path, split), class_names)
   if kind == "tfds":
     if not name:
