@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a session that is lent a GPU (within 8 minutes on one H100/H200):
-#   1. the ViT-L/14 DINOv2 train step (configs/pretrain.py:vitl14: bf16, 2 x 224 + 8 x 98 crops,
+#   1. the ViT-L/14 DINOv2 train step (dinov2_jax/configs/pretrain.py:vitl14: bf16, 2 x 224 + 8 x 98 crops,
 #      131072-prototype heads, Sinkhorn-Knopp, drop path 0.4) at the largest batch that fits: step
 #      time, images/s and MFU (benchmarks/gpu_step.py); cuDNN flash attention checked against XLA's;
 #   2. bf16 forward_features against PyTorch (transformers Dinov2Model, SDPA), S/B/L/g at 224 and 518 px

@@ -1,6 +1,6 @@
 """The DINOv2 train step on one accelerator: step time, images/s and MFU (model FLOPs utilisation).
 
-    python benchmarks/gpu_step.py                      # ViT-L/14 recipe (configs/pretrain.py:vitl14), bf16
+    python benchmarks/gpu_step.py                      # ViT-L/14 recipe (dinov2_jax/configs/pretrain.py:vitl14), bf16
     python benchmarks/gpu_step.py --recipe vitg14 --batches 16,12,8
     python benchmarks/gpu_step.py --smoke              # a tiny model on any backend, to check the script
 
@@ -87,7 +87,7 @@ def build(config, batch_size: int, remat_policy: str):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--recipe", default="vitl14", help="a recipe of configs/pretrain.py")
+  parser.add_argument("--recipe", default="vitl14", help="a recipe of dinov2_jax/configs/pretrain.py")
   parser.add_argument("--batches", default="96,64,48,32", help="per-step batches to try, largest first")
   parser.add_argument("--remat-policies", default="none,dots_saveable,full", help="tried in this order per batch")
   parser.add_argument("--iters", type=int, default=10)
@@ -96,17 +96,16 @@ def main():
   print_machine(accelerator=True)
   import jax
 
-  import configs.demo
-  import configs.pretrain
   from benchmarks.scale import model_flops
+  from dinov2_jax import recipes
 
   print(check_cudnn_attention(), flush=True)
-  make_config = (lambda: configs.demo.get_config()) if args.smoke else (lambda: configs.pretrain.get_config(args.recipe))
+  recipe = "demo" if args.smoke else f"pretrain:{args.recipe}"
   batches = [8] if args.smoke else [int(b) for b in args.batches.split(",")]
   candidates = [(b, r) for b in batches for r in args.remat_policies.split(",")]
   device = jax.devices()[0]
   for batch_size, remat in candidates:
-    config = make_config()
+    config = recipes.get_config(recipe)
     config.scan_blocks = True
     try:
       t0 = time.perf_counter()

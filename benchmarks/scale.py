@@ -4,7 +4,7 @@
     python benchmarks/scale.py --models vitg14 --remat-policy full
     python benchmarks/scale.py --models vitl14 --per-device 8 --data 4 --fsdp 16
 
-For each recipe of `configs/pretrain.py` (bf16 compute, Meta's per-GPU batch on every device, 2 x 224
+For each recipe of `dinov2_jax/configs/pretrain.py` (bf16 compute, Meta's per-GPU batch on every device, 2 x 224
 + 8 x 98 crops, drop path 0.4 with Meta's batch subsets, the separate 131072-prototype heads), the
 step is lowered on abstract arrays with the trainer's shardings (`dinov2_jax/train/sharding.py`,
 every state leaf FSDP-sharded, the batch in per-device data shards, activations pinned by the
@@ -197,14 +197,13 @@ def child(args) -> None:
   import jax
   import jax.numpy as jnp
 
-  import configs.pretrain
-  from dinov2_jax import masking, schedules
+  from dinov2_jax import masking, recipes, schedules
   from dinov2_jax.train import sharding
   from dinov2_jax.train import state as train_state
   from dinov2_jax.train import step as train_step
 
   n_dev = jax.device_count()
-  config = configs.pretrain.get_config(args.model)
+  config = recipes.get_config(f"pretrain:{args.model}")
   per_device = args.per_device or PER_DEVICE[args.model]
   config.batch_size = per_device * n_dev
   config.mesh = (("data", args.data), ("fsdp", args.fsdp))
@@ -315,7 +314,7 @@ def report(results: list[dict]) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default="vitl14,vitg14", help="recipes of configs/pretrain.py, comma-separated")
+  parser.add_argument("--models", default="vitl14,vitg14", help="recipes of dinov2_jax/configs/pretrain.py, comma-separated")
   parser.add_argument("--data", type=int, default=8)
   parser.add_argument("--fsdp", type=int, default=8)
   parser.add_argument("--remat-policy", default="none", help="none | full | dots_saveable | ...")

@@ -26,8 +26,9 @@ examples:
   dinov2-jax convert dinov2_vitb14_pretrain.pth vitb14.safetensors
   dinov2-jax convert facebook-dinov2-small/model.safetensors dinov2_vits14.pth
   dinov2-jax convert teacher_checkpoint.pth backbone.pth --backbone-only
-  dinov2-jax convert dinov2_vitb14_pretrain.pth hf_model.safetensors --layout hf
-  dinov2-jax convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth dinov3-vits16/model.safetensors --layout hf
+  dinov2-jax convert dinov2_vitb14_pretrain.pth dinov2-base-hf --layout hf   # a folder for
+      transformers: model.safetensors + config.json, loads with Dinov2Model.from_pretrained("dinov2-base-hf")
+  dinov2-jax convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth dinov3-vits16 --layout hf
   dinov2-jax convert dinov3-vits16/model.safetensors dinov3_vits16.pth
 """
 
@@ -45,7 +46,6 @@ def _parse_override(text: str) -> tuple[str, object]:
 def convert(args: argparse.Namespace) -> int:
   from dinov2_jax import api
   from dinov2_jax.models.dinov3_vit import DINOv3Config
-  from dinov2_jax.weights import convert as conv
   from dinov2_jax.weights.io import read_weights, write_state_dict
 
   overrides = dict(args.set or [])
@@ -68,10 +68,9 @@ def convert(args: argparse.Namespace) -> int:
   if args.layout == "hf":
     if heads:
       raise SystemExit("error: --layout hf writes a backbone only; add --backbone-only")
-    write_state_dict(conv.meta_to_hf(backbone.state_dict()), args.output)
-    if isinstance(cfg, DINOv3Config):
-      _write_hf_config(cfg, args.output)
-  elif heads:
+    write_hf(backbone, args.output)
+    return 0
+  if heads:
     api.save_training_checkpoint(args.output, backbone, heads, block_chunks=args.block_chunks)
   else:
     backbone.save(args.output, block_chunks=args.block_chunks)
@@ -79,20 +78,37 @@ def convert(args: argparse.Namespace) -> int:
   return 0
 
 
-def _write_hf_config(cfg, output: str) -> None:
-  """transformers needs the head count and RoPE base of a DINOv3 model, which no tensor holds."""
+def write_hf(backbone, output: str) -> None:
+  """transformers' layout: the weights plus `config.json`, so `Dinov2Model.from_pretrained(folder)`
+  (or `DINOv3ViTModel.from_pretrained` for a DINOv3 backbone) loads it.
+
+  `output` is a folder (gets `model.safetensors`) or a weights file (`config.json` goes beside it;
+  from_pretrained looks for the name model.safetensors or pytorch_model.bin).
+  """
   import json
 
+  from dinov2_jax.models.dinov3_vit import DINOv3Config
+  from dinov2_jax.weights import convert as conv
   from dinov2_jax.weights.convert_dinov3 import hf_dinov3_config
+  from dinov2_jax.weights.io import write_state_dict
 
-  path = os.path.join(os.path.dirname(os.path.abspath(output)), "config.json")
-  if os.path.exists(path):
-    print(f"{path} exists; not overwritten (a DINOv3ViTConfig for these weights needs "
-          f"num_attention_heads={cfg.num_heads}, intermediate_size={cfg.ffn_hidden_dim})")
-    return
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump({"architectures": ["DINOv3ViTModel"], **hf_dinov3_config(cfg)}, f, indent=2)
-  print(f"wrote {path}")
+  # Built before anything is written: refuses what transformers cannot load. transformers needs
+  # the head count (and for DINOv3 the RoPE settings), which no tensor holds.
+  cfg = backbone.config
+  if isinstance(cfg, DINOv3Config):
+    config = {"architectures": ["DINOv3ViTModel"], **hf_dinov3_config(cfg)}
+  else:
+    config = conv.hf_config(cfg)
+  folder, weights = (output, os.path.join(output, "model.safetensors")) if not os.path.splitext(output)[1] else (
+      os.path.dirname(os.path.abspath(output)), output)
+  os.makedirs(folder, exist_ok=True)
+  write_state_dict(conv.meta_to_hf(backbone.state_dict()), weights)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  print(f"wrote {weights} and {os.path.join(folder, 'config.json')} ({config['architectures'][0]})")
+  if os.path.basename(weights) not in ("model.safetensors", "pytorch_model.bin"):
+    print(f"note: transformers' from_pretrained({folder!r}) looks for model.safetensors; rename {weights} or pass "
+          "a folder as the output")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -108,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("convert", help="convert weights between Meta, transformers and our formats",
                      description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("input", help="weights file to read (.pth, .bin, .safetensors)")
-  p.add_argument("output", help="file to write; .pth or .safetensors")
+  p.add_argument("output", help="file to write (.pth or .safetensors), or with --layout hf a folder")
   p.add_argument("--set", metavar="FIELD=VALUE", action="append", type=_parse_override,
                  help="override an inferred backbone field, e.g. --set num_heads=8 --set interpolate_offset=0.0 "
                       "(repeatable)")
@@ -116,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--block-chunks", type=int, default=0,
                  help="write block keys as blocks.{chunk}.{i} like Meta's block_chunks=N models (default 0: blocks.{i})")
   p.add_argument("--layout", choices=("meta", "hf"), default="meta",
-                 help="key names of the output: Meta's (default) or transformers' (Dinov2 / DINOv3ViT)")
+                 help="key names of the output: Meta's (default) or transformers' (Dinov2 / DINOv3ViT; also "
+                      "writes config.json)")
   p.add_argument("--no-strict", action="store_true", help="skip missing/unexpected tensors instead of failing")
   p.set_defaults(func=convert)
 

@@ -1,8 +1,8 @@
 """DINOv2 pretraining entry point.
 
-    python -m dinov2_jax.main --config configs/demo.py --workdir /tmp/dinov2_demo
-    python -m dinov2_jax.main --config configs/vitl14.py --workdir gs://bucket/run --config.batch_size=2048
-    dinov2-jax-train --config configs/demo.py --workdir /tmp/dinov2_demo        # same, installed script
+    python -m dinov2_jax.main --config dinov2_jax/configs/demo.py --workdir /tmp/dinov2_demo
+    python -m dinov2_jax.main --config pretrain:vitl14 --workdir gs://bucket/run --config.batch_size=2048
+    dinov2-jax-train --config demo --workdir /tmp/dinov2_demo        # same, installed script, recipe by name
 
 Any config field can be overridden on the command line (`--config.optim.base_lr=1e-3`). Re-running
 with the same workdir resumes from its latest complete checkpoint. Multi-host: every process runs the
@@ -20,9 +20,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dinov2_jax import cpu_tuning, distributed
+from dinov2_jax import cpu_tuning, distributed, recipes
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file, or a recipe name such as pretrain:vits14 (dinov2_jax/configs/).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 
 
@@ -88,10 +89,18 @@ def main(argv) -> None:
   run(_CONFIG.value, _WORKDIR.value)
 
 
+def _argv() -> list[str]:
+  """sys.argv with --config resolved to a file (a recipe name, or a packaged path from any folder)."""
+  try:
+    return recipes.resolve_config_argv(sys.argv)
+  except recipes.RecipeNotFound as e:
+    sys.exit(f"error: {e}")
+
+
 def entry_point() -> None:
   """Console script `dinov2-jax-train`."""
-  app.run(main, argv=sys.argv)
+  app.run(main, argv=_argv())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=_argv())

@@ -42,6 +42,7 @@ def test_convert_hf_to_meta_pth_and_back_to_hf(hf_file, tmp_path, capsys):
     np.testing.assert_array_equal(meta[k], expected[k])
   assert "embed_dim=64 depth=2" in capsys.readouterr().out
   assert cli.main(["convert", str(tmp_path / "meta.pth"), str(tmp_path / "hf.safetensors"), "--layout", "hf"]) == 0
+  assert (tmp_path / "config.json").exists() and "looks for model.safetensors" in capsys.readouterr().out
   back = load_file(str(tmp_path / "hf.safetensors"))
   assert back.keys() == hf_sd.keys()
   for k in hf_sd:
@@ -75,3 +76,28 @@ def test_demo_runs_on_bundled_photos(tmp_path, capsys):
   assert data["cls"].shape == (6, 384) and data["patches"].shape == (6, 4, 4, 384)
   np.testing.assert_allclose(np.linalg.norm(data["cls"], axis=-1), 1.0, rtol=1e-5)
   assert (tmp_path / "pca_features.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_convert_layout_hf_folder_loads_with_from_pretrained(registers, tmp_path):
+  from transformers import AutoModel
+
+  from dinov2_jax import load_backbone
+  # Head dim 64, as in all of Meta's models: a Meta file does not store the head count.
+  reference = ref.make_hf_model(registers=registers, seed=7, hidden=128, layers=2, heads=2, image_size=56,
+                                swiglu=registers)
+  meta = tmp_path / "meta.pth"
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in hf_to_meta({k: v.numpy() for k, v in reference.state_dict().items()}).items()}, meta)
+  assert cli.main(["convert", str(meta), str(tmp_path / "hf"), "--layout", "hf"]) == 0
+  loaded = AutoModel.from_pretrained(tmp_path / "hf").eval()
+  assert type(loaded).__name__ == ("Dinov2WithRegistersModel" if registers else "Dinov2Model")
+  images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
+  with torch.no_grad():
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    got = loaded(pixel_values=pixels).last_hidden_state.numpy()
+    want = reference(pixel_values=pixels).last_hidden_state.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # And the same numbers as our model of Meta's file (CLS token, final norm).
+  ours = np.asarray(load_backbone(meta).forward_features(images)["x_norm_clstoken"])
+  np.testing.assert_allclose(got[:, 0], ours, atol=1e-4)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dinov2_jax.eval import features as F
+from dinov2_jax.eval import devices
 from dinov2_jax.eval import knn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ def test_bank_smaller_than_k_and_single_device_mesh():
   x_train, y_train, x_test, y_test = _blobs(150, 21, 8, 4, seed=2)
   _, ref_acc = reference_knn(x_train.astype(np.float64), y_train, x_test.astype(np.float64), y_test, 4)
   eight = knn.knn_evaluate(x_train, y_train, x_test, y_test, 4, bank_chunk=64)
-  one = knn.knn_evaluate(x_train, y_train, x_test, y_test, 4, bank_chunk=64, mesh=F.data_mesh(jax.devices()[:1]))
+  one = knn.knn_evaluate(x_train, y_train, x_test, y_test, 4, bank_chunk=64, mesh=devices.data_mesh(jax.devices()[:1]))
   for k in (10, 20, 100, 200):
     assert (eight["k"][k]["top1"], eight["k"][k]["top5"]) == pytest.approx(ref_acc[k])
     assert eight["k"][k] == one["k"][k]
@@ -120,13 +120,14 @@ def test_knn_close_to_scikit_learn_on_digits():
 
 
 def test_knn_command_end_to_end(tmp_path):
-  cmd = [sys.executable, "-m", "dinov2_jax.eval.knn", "--config", os.path.join(REPO, "configs", "eval_knn.py"),
+  # Run from another folder, with the recipe by name, as after `pip install`.
+  cmd = [sys.executable, "-m", "dinov2_jax.eval.knn", "--config", "eval_knn",
          f"--config.output_dir={tmp_path}", "--config.model.depth=2", "--config.model.embed_dim=32",
          "--config.model.num_heads=2", "--config.model.img_size=28", "--config.resolution=28",
-         "--config.dataset.train_limit=300",
-         "--config.dataset.eval_limit=100", "--config.knn.ks=(5,20)"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+         "--config.dataset.train_limit=300", "--config.dataset.eval_limit=100", "--config.knn.ks=(5,20)"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": REPO}
+  out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "| k | top-1 | top-5 |" in out.stdout and "images/s" in out.stdout
   results = json.loads((tmp_path / "knn_results.json").read_text())
@@ -134,3 +135,9 @@ def test_knn_command_end_to_end(tmp_path):
   for m in results["results"].values():
     assert 20 < m["top1"] <= m["top5"] <= 100  # digits, 10 classes: well above chance
   assert results["model"]["depth"] == 2 and (tmp_path / "knn_results.md").exists()
+  assert results["classes"] == [str(c) for c in range(10)]
+  assert sum(results["images_per_class"]["eval"].values()) == 100
+  # A second run reuses the features and says so.
+  again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and again.stdout.count("reusing the") == 2, again.stdout
+  assert json.loads((tmp_path / "knn_results.json").read_text())["results"] == results["results"]

@@ -39,7 +39,7 @@ FSDP_ACROSS_PROCESSES = ["--config.mesh=(('data', 1), ('fsdp', 8))"]
 
 
 def _command(workdir, extra=(), mesh=tuple(FSDP_ACROSS_PROCESSES)):
-  return ["python", "-m", "dinov2_jax.main", "--config", "configs/demo.py", "--workdir", str(workdir),
+  return ["python", "-m", "dinov2_jax.main", "--config", "demo", "--workdir", str(workdir),
           *OVERRIDES, *mesh, *extra]
 
 

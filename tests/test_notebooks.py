@@ -40,8 +40,10 @@ def _parameter_cells(nb: dict) -> list[dict]:
 def test_every_notebook_is_here():
   assert {p.stem for p in NOTEBOOKS} == EXPECTED
   readme = (COLABS / "README.md").read_text(encoding="utf-8")
+  top_readme = (COLABS.parent / "README.md").read_text(encoding="utf-8")
   for name in EXPECTED:
-    assert f"colabs/{name}.ipynb" in readme, f"colabs/README.md does not link {name}.ipynb"
+    assert f"]({name}.ipynb)" in readme, f"colabs/README.md does not link {name}.ipynb"
+    assert f"](colabs/{name}.ipynb)" in top_readme, f"README.md does not link colabs/{name}.ipynb"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -54,13 +56,17 @@ def test_committed_without_outputs(path):
   assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
 
 
+PACKAGE_LINE = re.compile(r'^PACKAGE = "[^"]+"$', re.M)
+REPOSITORY_URL = "github.com/<org>/dinov2-jax"  # unpublished: it may appear in the PACKAGE line only
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_install_cell_and_one_parameters_cell(path):
   nb = _load(path)
   code = [c for c in nb["cells"] if c["cell_type"] == "code"]
   install = _source(code[0])
-  assert "REPO_URL" in install and "../pyproject.toml" in install and "pip" in install, \
-      f"{path.name}: the first code cell must be the install cell"
+  assert "../pyproject.toml" in install and "pip" in install and "subprocess.check_call(pip + [PACKAGE])" in install, \
+      f"{path.name}: the first code cell must be the install cell, installing PACKAGE"
   assert 'find_spec("dinov2_jax") is None' in install, f"{path.name}: pip must only run when the package is missing"
   params = _parameter_cells(nb)
   assert len(params) == 1, f"{path.name}: {len(params)} cells tagged 'parameters', expected exactly one"
@@ -69,9 +75,23 @@ def test_install_cell_and_one_parameters_cell(path):
       f"{path.name}: the parameters cell must set `smoke = False` (the Colab default)"
 
 
+def test_package_is_named_in_one_line_and_the_repository_url_nowhere_else():
+  lines = {PACKAGE_LINE.search(_source([c for c in _load(p)["cells"] if c["cell_type"] == "code"][0])).group(0)
+           for p in NOTEBOOKS}
+  assert len(lines) == 1, f"the notebooks install different packages: {lines}"
+  repo = COLABS.parent
+  texts = list(NOTEBOOKS) + [repo / "README.md", COLABS / "README.md", repo / "pyproject.toml"]
+  for path in texts:
+    text = path.read_text(encoding="utf-8")
+    expected = 1 if path.suffix == ".ipynb" else 0
+    assert text.count(REPOSITORY_URL) == expected, f"{path.name} names the unpublished repository URL outside PACKAGE"
+
+
 def _kernel_env(tmp_dir: pathlib.Path) -> dict:
   # TMPDIR: what a notebook writes in smoke mode (tempfile folders) goes to the test's tmp folder.
   env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", TMPDIR=str(tmp_dir))
+  # The kernel imports this checkout's dinov2_jax, whatever else is installed.
+  env["PYTHONPATH"] = os.pathsep.join([str(COLABS.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   # conftest.py gives the test process 8 fake CPU devices; the notebooks run faster on one.
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
   if flags:

@@ -137,9 +137,9 @@ def test_bfloat16_demo_run_tracks_float32():
   # The demo recipe (LayerScale 1e-5, where a bf16 residual stream made every block an identity) on
   # demo batches for 50 steps, in float32 and in bfloat16 (Meta's autocast semantics): the losses
   # of the two runs stay together (a run that cannot learn drifts away within a few steps).
-  import configs.demo
+  from dinov2_jax import recipes
   from dinov2_jax.data.pipeline import make_train_iterator_from_config
-  c = configs.demo.get_config()
+  c = recipes.get_config("demo")
   c.update(batch_size=16, epoch_length=10)
   c.optim.epochs = 5
   it = make_train_iterator_from_config(c, c.student.patch_size, num_shards=1, shards=[0])

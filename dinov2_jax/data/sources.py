@@ -17,8 +17,9 @@ Every source gives random access in two protocols:
   training (grain):  `source[i]` -> {"image": (H, W, 3) uint8, "label": int32 when labelled}.
                      An unreadable image is replaced by the next readable one (see below).
   evaluation:        `source.load(i)` -> (image (H, W, 3) uint8 or None when it cannot be
-                     decoded, int label), plus `name` (identifies the data; stored with cached
-                     features) and `class_names` (index = label). Labelled sources only.
+                     decoded, int label), plus `name` (describes the data), `class_names`
+                     (index = label) and `content_fingerprint()` (a hash of the data's content:
+                     what cached features are keyed by). Labelled sources only.
 
 The file- and record-backed sources (`SkippingSource`) never fail on an unreadable image:
 `source[i]` replaces it by the next readable index (i + 1, i + 2, ... modulo the length, so the
@@ -34,6 +35,7 @@ FileNotFoundErrors, a missing feature also a KeyError.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -305,6 +307,19 @@ class _FileSource(SkippingSource):
     label = None if self.labels is None else int(self.labels[index])
     return os.path.join(self.root, self.files[index]), label
 
+  def content_fingerprint(self) -> str:
+    """SHA-256 over every file's relative path, size, modification time and label (and the class names).
+
+    Changes when an image is replaced, edited, added, removed or moved to another class; one
+    `stat` per file, no image is read.
+    """
+    h = hashlib.sha256(repr(list(self.class_names or [])).encode())
+    for i, f in enumerate(self.files):
+      st = os.stat(os.path.join(self.root, f))
+      label = -1 if self.labels is None else int(self.labels[i])
+      h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return h.hexdigest()
+
 
 class FolderImageSource(_FileSource):
   """Every image under a folder, at any depth, decoded with Pillow when read. Unlabelled.
@@ -353,6 +368,12 @@ class ClassFolderSource(_FileSource):
     files, labels = [], []
     for c in found:
       in_class = list_image_files(os.path.join(root, c), extensions)
+      if not in_class:
+        # As torchvision's ImageFolder: a class without images is a mistake in the data, not a
+        # class to silently drop (its label would still count in every accuracy).
+        raise DatasetError(
+            f"class folder {os.path.join(root, c)!r} has no images (searched all its subfolders for "
+            f"{', '.join(extensions)}, any letter case); add images to it or remove the folder")
       files += [os.path.join(c, f) for f in in_class]
       labels += [label_of[c]] * len(in_class)
     super().__init__(root, files, np.asarray(labels, np.int32), extensions)
@@ -388,8 +409,7 @@ def tfds_prepare_hint(name: str, data_dir: str) -> str:
           f"`pip install tensorflow-cpu`, for that step only; reading needs neither):\n"
           f"{command}\n"
           f"then pass config.dataset.data_dir={data_dir!r}. Or use an image folder instead "
-          f"(config.dataset.kind='folder' for training, config.dataset.name='folder' for the "
-          f"evaluations).")
+          f"(config.dataset.kind='folder' with config.dataset.path).")
 
 
 class TfdsImageSource(SkippingSource):
@@ -468,6 +488,7 @@ class TfdsImageSource(SkippingSource):
           f"TFDS dataset {name!r} {problem} {split!r} (config.dataset.split={split!r} in "
           f"training, train_split / eval_split in the evaluations); its splits are {splits}. "
           f"TFDS: {e}") from e
+    self.version_dir = builder.data_dir
     self.name = f"tfds:{name}:{split}:{builder.data_dir}"
 
   def __len__(self) -> int:
@@ -479,6 +500,15 @@ class TfdsImageSource(SkippingSource):
   def _read(self, index: int) -> tuple[Any, int | None]:
     record = self.records[index]
     return record[self.image_key], (record[self.label_key] if self.label_key else None)
+
+  def content_fingerprint(self) -> str:
+    """SHA-256 over the prepared dataset's files (names, sizes, modification times), split and keys."""
+    h = hashlib.sha256(f"{self.tfds_name}\0{self.split}\0{self.image_key}\0{self.label_key}\n".encode())
+    for entry in sorted(os.scandir(self.version_dir), key=lambda e: e.name):
+      if entry.is_file():
+        st = entry.stat()
+        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
   def __repr__(self) -> str:
     return f"TfdsImageSource({self.tfds_name!r}, split={self.split!r}, {len(self)} images)"
@@ -510,6 +540,13 @@ class DemoImageSource:
   def load(self, index: int) -> tuple[np.ndarray, int]:
     """Evaluation protocol: (image (S, S, 3) uint8, label); never None (nothing to decode)."""
     return self.images[index], int(self.labels[index])
+
+  def content_fingerprint(self) -> str:
+    """SHA-256 of the images and labels."""
+    h = hashlib.sha256(self.name.encode())
+    h.update(np.ascontiguousarray(self.images).tobytes())
+    h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+    return h.hexdigest()
 
   def __repr__(self) -> str:
     return f"DemoImageSource({len(self)} images of {self.images.shape[1]} px)"

@@ -7,6 +7,9 @@ returns an RGB uint8 array (H, W, 3), or None when the file cannot be decoded (t
 skips and counts those), and an int label. Images are decoded, with Pillow, in the extractor's
 worker threads.
 
+Every dataset also has `content_fingerprint()`, a hash of its content (for a folder: every file's
+path, size, modification time and label) that keys the feature cache.
+
 Nothing is ever downloaded. TFDS datasets must already be prepared in the array_record format,
 which `tfds.data_source` reads without TensorFlow; a missing dataset raises `DatasetError` naming
 how to prepare it.
@@ -14,6 +17,7 @@ how to prepare it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -47,6 +51,8 @@ class ImageDataset(Protocol):
   def __len__(self) -> int: ...
 
   def load(self, index: int) -> tuple[np.ndarray | None, int]: ...
+
+  def content_fingerprint(self) -> str: ...
 
 
 class DemoDataset(sources.DemoImageSource):
@@ -86,6 +92,11 @@ class Subset:
   def load(self, index: int):
     return self.dataset.load(int(self.indices[index]))
 
+  def content_fingerprint(self) -> str:
+    h = hashlib.sha256(self.dataset.content_fingerprint().encode())
+    h.update(self.indices.tobytes())
+    return h.hexdigest()
+
 
 def limit_examples(dataset: ImageDataset, limit: int, seed: int = 0) -> ImageDataset:
   """At most `limit` examples, drawn uniformly at random with a fixed seed (sorted); 0 = all."""
@@ -95,22 +106,77 @@ def limit_examples(dataset: ImageDataset, limit: int, seed: int = 0) -> ImageDat
   return Subset(dataset, picked)
 
 
-def get_dataset(name: str, split: str, data_dir: str | None = None, *, image_key: str = "image",
-                label_key: str = "label", class_names: Sequence[str] | None = None,
-                demo_image_size: int = 64) -> ImageDataset:
-  """A dataset by name.
+KINDS = ("demo", "folder", "tfds")
+# Evaluation split names tried, in order, when none is given.
+EVAL_SPLIT_NAMES = ("val", "validation", "test")
+
+
+def folder_splits(path: str) -> list[str]:
+  """The split folders of a dataset folder `path/<split>/<class>/...`: its visible sub-folders, sorted."""
+  if not os.path.isdir(path):
+    raise sources.DatasetNotFoundError(
+        f"dataset folder {path!r} does not exist; expected {path}/<split>/<class>/<image>.jpg, e.g. "
+        f"{path}/train/cat/1.jpg and {path}/val/cat/2.jpg")
+  return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
+
+
+def check_folder_split(path: str, split: str) -> None:
+  """Raises a `DatasetError` saying how to lay the folder out unless `path/split` is one of its splits."""
+  splits = folder_splits(path)
+  if split in splits:
+    return
+  hint = (f"; if {splits[:3]} are your classes, move them into {path}/train/ and hold some images of each "
+          f"out in {path}/val/<class>/" if split == "train" and splits else "")
+  raise DatasetError(f"dataset folder {path!r} has no split folder {split!r}; its sub-folders are {splits} "
+                     f"(expected {path}/<split>/<class>/<image>.jpg; choose the splits with "
+                     f"--config.dataset.train_split / eval_split){hint}")
+
+
+def available_splits(kind: str, *, path: str | None = None, name: str | None = None,
+                     data_dir: str | None = None) -> list[str]:
+  """The split names a dataset has (folder: its sub-folders; TFDS: its prepared splits)."""
+  if kind == "demo":
+    return ["train", "test"]
+  if kind == "folder":
+    return folder_splits(path)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  builder = tfds.builder(name, data_dir=data_dir or sources.default_tfds_data_dir())
+  return sorted(builder.info.splits.keys()) if builder.is_prepared() else []
+
+
+def default_eval_split(kind: str, **where) -> str:
+  """The first of `EVAL_SPLIT_NAMES` the dataset has; a `DatasetError` listing its splits otherwise."""
+  splits = available_splits(kind, **where)
+  for split in EVAL_SPLIT_NAMES:
+    if split in splits:
+      return split
+  raise DatasetError(f"found no evaluation split ({' / '.join(EVAL_SPLIT_NAMES)}) in the dataset; its splits are "
+                     f"{splits}: name one with --config.dataset.eval_split=NAME")
+
+
+def get_dataset(kind: str, split: str, *, path: str | None = None, name: str | None = None,
+                data_dir: str | None = None, image_key: str = "image", label_key: str = "label",
+                class_names: Sequence[str] | None = None, demo_image_size: int = 64) -> ImageDataset:
+  """A labelled dataset, named with training's vocabulary (`config.dataset.kind`).
 
   Args:
-    name: "demo" (embedded digits; splits train/test), "folder" (`data_dir/<split>/<class>/*.jpg`),
-      or a TFDS name, optionally prefixed "tfds:" ("imagenet2012", "tfds:cifar10").
-    split: the split ("train", "test", "validation", ...).
-    data_dir: the folder root or the TFDS data directory.
+    kind: "demo" (the embedded digits; splits train/test), "folder" (`path/<split>/<class>/*.jpg`)
+      or "tfds" (a prepared TFDS dataset `name` in `data_dir`).
+    split: the split ("train", "val", "test", a TFDS slice such as "train[:10%]", ...).
+    path: the folder root, for "folder".
+    name: the TFDS name ("imagenet2012", "cifar10:3.0.2"), for "tfds".
+    data_dir: the TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
     class_names: for folders, the training split's classes (so labels agree across splits).
   """
-  if name == "demo":
+  if kind == "demo":
     return DemoDataset(split, demo_image_size)
-  if name == "folder":
-    if not data_dir:
-      raise DatasetError("dataset 'folder' needs --config.dataset.data_dir=DIR with DIR/<split>/<class>/*.jpg")
-    return FolderDataset(os.path.join(data_dir, split), class_names)
-  return TfdsDataset(name.removeprefix("tfds:"), split, data_dir, image_key, label_key)
+  if kind == "folder":
+    if not path:
+      raise DatasetError("dataset.kind='folder' needs --config.dataset.path=DIR (DIR/<split>/<class>/<image>.jpg)")
+    check_folder_split(path, split)
+    return FolderDataset(os.path.join(path, split), class_names)
+  if kind == "tfds":
+    if not name:
+      raise DatasetError("dataset.kind='tfds' needs --config.dataset.name, e.g. imagenet2012 or cifar10")
+    return TfdsDataset(name, split, data_dir or None, image_key, label_key)
+  raise DatasetError(f"dataset.kind={kind!r} is not one of {KINDS}")

@@ -1,4 +1,5 @@
-"""Frozen-backbone features for the evaluations: batched, sharded over all devices, chunked on disk, resumable.
+"""Frozen-backbone features for the evaluations: batched, sharded over all devices (of every process),
+chunked on disk (`dinov2_jax/eval/store.py`), resumable, and keyed by what they were computed from.
 
 One backbone pass per image gives everything the protocols use (all normed by the final LayerNorm,
 as Meta's `get_intermediate_layers(norm=True)` and `forward_features`):
@@ -10,11 +11,19 @@ as Meta's `get_intermediate_layers(norm=True)` and `forward_features`):
   labels      (N,)       int32 class ids;  index (N,) int64: the dataset index of each row
 
 Images go through Meta's evaluation transform (resize the shorter side to resolution * 256/224,
-bicubic, centre crop, ImageNet normalisation) in host threads, are batched (batch padded to a
-multiple of the device count, then trimmed) and run on a 1-D "data" mesh over all devices with
-the weights replicated. Results are written every `chunk_size` images as `<name>-<chunk>.npy`
-files plus `manifest.json`, which lists the finished chunks: a rerun skips them, so an interrupted
-extraction resumes where it stopped, and datasets larger than memory are never held whole.
+bicubic, centre crop, ImageNet normalisation) in host threads, are batched (a fixed global batch,
+padded, then trimmed) and run on a 1-D "data" mesh over all devices with the weights replicated.
+
+Multi-process (multi-host) runs: every process runs the same call. Each one reads and preprocesses
+only the rows of each batch that its own devices hold, the global batch is assembled from those
+pieces, and the features come back whole to every process, so all of them return the same store.
+Only process 0 writes files; `out_dir` must be a folder every process sees (as checkpoints are).
+
+The cache key (kept in the store's manifest) is the data's content (`content_fingerprint()` of the
+dataset: for a folder, every file's path, size, modification time and label), the preprocessing and
+the exact weights. A rerun with the same key reuses or resumes the store and says so; with another
+key it stops with an error naming what changed, or recomputes (`on_mismatch="recompute"`, what the
+evaluation commands do).
 """
 
 from __future__ import annotations
@@ -27,10 +36,7 @@ import hashlib
 import json
 import math
 import os
-import sys
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,66 +46,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dinov2_jax.data.eval_transform import eval_transform
+from dinov2_jax.eval import devices
+from dinov2_jax.eval import store as store_lib
+from dinov2_jax.eval.progress import Progress, log_print
+from dinov2_jax.eval.store import FeatureCacheMismatch, FeatureStore  # noqa: F401  (re-exported)
+from dinov2_jax.models.vit import check_image_shape
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-
-
-def log_print(message: str) -> None:
-  print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices.
-
-
-def data_mesh(devices: Iterable[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis "data" over `devices` (default: all). Auto axis types: plain GSPMD."""
-  devices = list(devices if devices is not None else jax.devices())
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-  """Zero-pads axis 0 of `x` to `rows` rows (a fixed batch shape means one compilation)."""
-  if len(x) == rows:
-    return x
-  return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
-
-
-class Progress:
-  """Logs `what: done/total unit (pct) rate unit/s, ETA` at most every `every_s` seconds and at the end."""
-
-  def __init__(self, total: int, what: str, unit: str = "images", log: Callable[[str], None] | None = log_print,
-               every_s: float = 10.0):
-    self.total, self.what, self.unit, self.log, self.every_s = total, what, unit, log, every_s
-    self.done, self.start = 0, time.perf_counter()
-    self.last = self.start
-
-  @property
-  def rate(self) -> float:
-    return self.done / max(time.perf_counter() - self.start, 1e-9)
-
-  def update(self, n: int) -> None:
-    self.done += n
-    now = time.perf_counter()
-    if self.log and (now - self.last >= self.every_s or self.done >= self.total):
-      self.last = now
-      eta = (self.total - self.done) / max(self.rate, 1e-9)
-      self.log(f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.1f}%), "
-               f"{self.rate:.1f} {self.unit}/s, ETA {format_seconds(eta)}")
-
-
-def format_seconds(s: float) -> str:
-  s = int(round(s))
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------
-# The backbone pass.
+# Names the evaluation transform in cache keys; change it when `eval_transform` changes its output.
+TRANSFORM_ID = "meta_eval: shorter side to resize_size (PIL bicubic), centre crop, ImageNet mean/std"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,24 +105,27 @@ def feature_shapes(cfg, spec: FeatureSpec) -> dict[str, tuple[int, ...]]:
 
 
 def make_feature_fn(backbone, spec: FeatureSpec = FeatureSpec(), mesh: jax.sharding.Mesh | None = None):
-  """A function (B, H, W, 3) float32 numpy images -> dict of features (sharded jax arrays).
+  """A function (B, H, W, 3) float32 images -> dict of features (jax arrays split over "data").
 
-  B must be a multiple of the mesh size: the batch is split over the "data" axis and the weights
-  are replicated on every device.
+  The images are a numpy array (single process) or a global jax array split over the mesh's
+  "data" axis (`devices.global_batch`); B must be a multiple of the mesh size. The weights are
+  replicated on every device.
   """
-  mesh = mesh or data_mesh()
+  mesh = mesh or devices.data_mesh()
   batch_sharding = NamedSharding(mesh, P("data"))
   graphdef = backbone.graphdef
-  params = jax.device_put(backbone.params, NamedSharding(mesh, P()))
+  params = devices.replicated(mesh, backbone.params)
 
   @functools.partial(jax.jit, out_shardings=batch_sharding)
   def run(params, images):
     return backbone_features(nnx.merge(graphdef, params), images, spec.n_last_blocks, spec.registers)
 
-  def fn(images: np.ndarray) -> dict[str, jax.Array]:
+  def fn(images) -> dict[str, jax.Array]:
     if len(images) % mesh.size:
       raise ValueError(f"batch {len(images)} is not a multiple of the {mesh.size} devices; pad it")
-    return run(params, jax.device_put(images, batch_sharding))
+    if isinstance(images, np.ndarray):
+      images = devices.global_batch(mesh, images, len(images))
+    return run(params, images)
 
   return fn
 
@@ -184,134 +141,25 @@ def model_fingerprint(backbone) -> str:
   return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# The chunked on-disk store.
+def data_fingerprint(dataset) -> str:
+  """The dataset's `content_fingerprint()`: what makes cached features stale when the data changes."""
+  fingerprint = getattr(dataset, "content_fingerprint", None)
+  if fingerprint is None:
+    raise TypeError(f"{type(dataset).__name__} has no content_fingerprint(); the feature cache needs one to "
+                    "notice changed data (see dinov2_jax/eval/datasets.py)")
+  return fingerprint()
 
 
-class FeatureCacheMismatch(ValueError):
-  """An output folder holds features of a different model, dataset or setting."""
-
-
-def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, mode) as f:
-    write(f)
-  os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
-
-
-class ChunkedArray:
-  """Several arrays seen as one along axis 0, for row gathers (`x[indices]`) from memory-mapped chunks.
-
-  Lets the linear protocol sample random batches from feature files larger than memory.
-  """
-
-  def __init__(self, parts: list[np.ndarray]):
-    self.parts = parts
-    self.offsets = np.cumsum([0] + [len(p) for p in parts])
-    self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
-    self.dtype = parts[0].dtype
-
-  def __len__(self) -> int:
-    return self.shape[0]
-
-  def __getitem__(self, index) -> np.ndarray:
-    index = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
-    out = np.empty((len(index),) + self.shape[1:], self.dtype)
-    part = np.searchsorted(self.offsets, index, side="right") - 1
-    for p in np.unique(part):
-      rows = np.flatnonzero(part == p)
-      out[rows] = self.parts[p][index[rows] - self.offsets[p]]
-    return out
-
-
-class FeatureStore:
-  """A folder of extracted features: `manifest.json` plus `<name>-<chunk:05d>.npy` files.
-
-  Attributes:
-    path: the folder.
-    manifest: the parsed manifest (`key`, `num_chunks`, `chunks` = finished chunks with their row
-      counts and skipped dataset indices, `class_names`).
-    computed_chunks: chunk ids computed by the `extract_features` call that returned this store
-      (empty when everything was already on disk).
-  """
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = os.fspath(path)
-    with open(os.path.join(self.path, MANIFEST)) as f:
-      self.manifest = json.load(f)
-    self.computed_chunks: list[int] = []
-
-  @property
-  def complete(self) -> bool:
-    return len(self.manifest["chunks"]) == self.manifest["num_chunks"]
-
-  @property
-  def names(self) -> list[str]:
-    return list(self.manifest["features"]) + ["labels", "index"]
-
-  @property
-  def num_rows(self) -> int:
-    return sum(c["rows"] for c in self.manifest["chunks"].values())
-
-  @property
-  def skipped(self) -> list[int]:
-    """Dataset indices of images that could not be decoded (left out of the features)."""
-    return sorted(i for c in self.manifest["chunks"].values() for i in c["skipped"])
-
-  @property
-  def class_names(self) -> list[str]:
-    return self.manifest["class_names"]
-
-  def chunk_path(self, name: str, chunk: int) -> str:
-    return os.path.join(self.path, f"{name}-{chunk:05d}.npy")
-
-  def chunks(self, name: str, mmap: bool = True) -> list[np.ndarray]:
-    """The finished chunks of one feature, in dataset order (memory-mapped by default)."""
-    if name not in self.names:
-      raise KeyError(f"{self.path} has no feature {name!r}; it has {self.names}")
-    ids = sorted(int(c) for c in self.manifest["chunks"])
-    return [np.load(self.chunk_path(name, c), mmap_mode="r" if mmap else None) for c in ids]
-
-  def array(self, name: str, in_memory: bool = True) -> np.ndarray | ChunkedArray:
-    """One feature for the whole dataset: in memory, or a memory-mapped `ChunkedArray` view."""
-    return self.load(name) if in_memory else ChunkedArray(self.chunks(name, mmap=True))
-
-  def load(self, name: str) -> np.ndarray:
-    """One feature for the whole dataset, in memory: (num_rows, ...)."""
-    if not self.complete:
-      raise RuntimeError(f"{self.path}: extraction incomplete ({len(self.manifest['chunks'])}/"
-                         f"{self.manifest['num_chunks']} chunks); rerun the extraction to resume it")
-    parts = self.chunks(name, mmap=False)
-    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
-
-  @property
-  def labels(self) -> np.ndarray:
-    return self.load("labels")
-
-
-def _open_manifest(out_dir: str, key: dict, num_chunks: int, class_names, overwrite: bool) -> dict:
-  path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(path) and not overwrite:
-    with open(path) as f:
-      manifest = json.load(f)
-    old = manifest.get("key", {})
-    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-    if diff:
-      raise FeatureCacheMismatch(
-          f"{out_dir} holds features of a different extraction (differs in {', '.join(diff)}); "
-          "use another output folder, or delete this one (overwrite=True) to start afresh")
-    return manifest
-  if overwrite and os.path.isdir(out_dir):
-    for f in os.listdir(out_dir):
-      if f == MANIFEST or f.endswith(".npy"):
-        os.remove(os.path.join(out_dir, f))
-  os.makedirs(out_dir, exist_ok=True)
-  return {"version": MANIFEST_VERSION, "key": key, "num_chunks": num_chunks, "chunks": {},
-          "features": {}, "class_names": list(class_names)}
-
-
-def _save_manifest(out_dir: str, manifest: dict) -> None:
-  _write_atomic(os.path.join(out_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1), mode="w")
+def cache_key(backbone, dataset, *, resolution: int, resize_size: int, spec: FeatureSpec, dtype: str,
+              chunk_size: int) -> dict:
+  """What features are computed from: the data, the preprocessing, the weights, the feature settings."""
+  return {
+      "data": {"name": dataset.name, "num_examples": len(dataset), "class_names": list(dataset.class_names),
+               "content": data_fingerprint(dataset)},
+      "preprocessing": {"transform": TRANSFORM_ID, "resolution": resolution, "resize_size": resize_size},
+      "model": model_fingerprint(backbone),
+      "features": {"spec": dataclasses.asdict(spec), "dtype": dtype, "chunk_size": chunk_size},
+  }
 
 
 def _load_one(dataset, index: int, transform) -> tuple[np.ndarray | None, int]:
@@ -320,14 +168,14 @@ def _load_one(dataset, index: int, transform) -> tuple[np.ndarray | None, int]:
 
 
 def _prefetch(dataset, batches: list, transform, pool, lookahead: int):
-  """Yields `(batch, [(image, label), ...])`, decoding `lookahead` batches ahead in `pool`."""
+  """Yields `(batch, [(image, label), ...])` for this process's rows, decoding `lookahead` batches ahead."""
   queue: collections.deque = collections.deque()
   it = iter(batches)
 
   def submit():
     batch = next(it, None)
     if batch is not None:
-      queue.append((batch, [pool.submit(_load_one, dataset, int(i), transform) for i in batch[1]]))
+      queue.append((batch, [pool.submit(_load_one, dataset, int(i), transform) for i in batch[2]]))
 
   for _ in range(lookahead):
     submit()
@@ -351,88 +199,104 @@ def extract_features(
     num_workers: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     overwrite: bool = False,
+    on_mismatch: str = "error",
     log: Callable[[str], None] | None = log_print,
     on_chunk: Callable[[int], None] | None = None,
 ) -> FeatureStore:
-  """Extracts features of every image of `dataset` into `out_dir`, resuming a previous run.
+  """Extracts features of every image of `dataset` into `out_dir`, reusing or resuming a previous run.
 
   Args:
     backbone: a `Backbone`, or a weights path for `dinov2_jax.load_backbone`.
-    dataset: an `ImageDataset` (`dinov2_jax.eval.datasets`).
-    out_dir: the output folder (created).
+    dataset: an `ImageDataset` (`dinov2_jax.eval.datasets`), with `content_fingerprint()`.
+    out_dir: the output folder (created). In a multi-process run, one that every process sees.
     resolution: crop side in pixels; a multiple of the patch size.
     resize_size: shorter side before the centre crop (default resolution * 256 / 224, Meta's).
-    batch_size: images per forward pass; rounded up to a multiple of the device count.
+    batch_size: images per forward pass over all devices; rounded up to a multiple of the device count.
     chunk_size: images per file (and per resume step). Part of the cache key.
     spec: which features to keep.
     dtype: storage dtype, "float32" or "float16" (halves the disk for very large datasets).
     num_workers: host threads decoding and transforming images (default: CPU count).
-    mesh: a 1-D "data" mesh (default: all devices).
-    overwrite: discard whatever `out_dir` holds instead of resuming.
+    mesh: a 1-D "data" mesh (default: all devices of all processes).
+    overwrite: discard whatever `out_dir` holds instead of reusing it.
+    on_mismatch: `out_dir` holds features computed from other data, preprocessing or weights:
+      "error" (default) raises `FeatureCacheMismatch` naming what changed, "recompute" says so and
+      starts afresh.
     log: progress printer (None: silent).
     on_chunk: called with the chunk id after each chunk is safely on disk.
 
   Returns:
-    The `FeatureStore`. Its `computed_chunks` lists what this call computed.
+    The `FeatureStore` (the same in every process). Its `computed_chunks` lists what this call computed.
   """
   if isinstance(backbone, (str, os.PathLike)):
     from dinov2_jax.api import load_backbone
     backbone = load_backbone(backbone)
-  patch = backbone.config.patch_size
-  if resolution % patch:
-    lo = max(resolution // patch, 1) * patch
-    raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch}; use {lo} or {lo + patch}")
+  check_image_shape((1, resolution, resolution, 3), backbone.config.patch_size)
   resize_size = resize_size or round(resolution * 256 / 224)
   out_dir = os.fspath(out_dir)
+  writer = jax.process_index() == 0
   n, chunk_size = len(dataset), int(chunk_size)
   num_chunks = math.ceil(n / chunk_size)
-  key = {
-      "model": model_fingerprint(backbone),
-      "dataset": dataset.name,
-      "num_examples": n,
-      "resolution": resolution,
-      "resize_size": resize_size,
-      "spec": dataclasses.asdict(spec),
-      "dtype": dtype,
-      "chunk_size": chunk_size,
-  }
-  manifest = _open_manifest(out_dir, key, num_chunks, dataset.class_names, overwrite)
-  store_manifest = lambda: _save_manifest(out_dir, manifest)  # noqa: E731
-  store_manifest()
+  key = cache_key(backbone, dataset, resolution=resolution, resize_size=resize_size, spec=spec, dtype=dtype,
+                  chunk_size=chunk_size)
+  # Every process reads the folder and takes the same decision before process 0 changes anything.
+  manifest, reset = store_lib.plan_manifest(out_dir, key, num_chunks, dataset.class_names, overwrite=overwrite,
+                                            on_mismatch=on_mismatch)
+  devices.barrier(f"features-plan-{out_dir}")
+  if writer:
+    if reset:
+      if log:
+        log(f"{out_dir}: {reset}; recomputing")
+      store_lib.reset_store(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    store_lib.save_manifest(out_dir, manifest)
   todo = [c for c in range(num_chunks) if str(c) not in manifest["chunks"]]
   computed: list[int] = []
+  if not todo and log:
+    log(f"features {dataset.name}: reusing the {manifest['num_chunks']} cached chunks in {out_dir} (computed from "
+        "the same data, preprocessing and weights)")
   if todo:
-    mesh = mesh or data_mesh()
+    mesh = mesh or devices.data_mesh()
     fn = make_feature_fn(backbone, spec, mesh)
-    global_batch = round_up(batch_size, mesh.size)
+    global_rows = devices.round_up(batch_size, mesh.size)
+    mine = devices.rows_of_this_process(mesh, global_rows)
+    local_rows = mine.stop - mine.start
     transform = functools.partial(eval_transform, crop_size=resolution, resize_size=resize_size)
     batches = []
     for c in todo:
       idx = np.arange(c * chunk_size, min((c + 1) * chunk_size, n))
-      batches += [(c, idx[i:i + global_batch]) for i in range(0, len(idx), global_batch)]
+      for i in range(0, len(idx), global_rows):
+        rows = idx[i:i + global_rows]
+        batches.append((c, rows, rows[mine]))  # (chunk, the batch's dataset indices, this process's share)
     if log and len(todo) < num_chunks:
-      log(f"{out_dir}: resuming, {num_chunks - len(todo)}/{num_chunks} chunks already done")
+      log(f"features {dataset.name}: resuming in {out_dir}, {num_chunks - len(todo)}/{num_chunks} chunks already "
+          "done (same data, preprocessing and weights)")
     progress = Progress(sum(len(b[1]) for b in batches), f"features {dataset.name}", log=log)
     workers = num_workers or os.cpu_count() or 1
     parts: dict[str, list] = collections.defaultdict(list)
     skipped: list[int] = []
     in_flight = None  # the previous batch's device outputs: fetched while the next one computes
+    image_shape = (resolution, resolution, 3)
 
     def fetch(pending):
-      outputs, rows, labels, index = pending
-      for name, value in jax.device_get(outputs).items():
-        parts[name].append(np.asarray(value[:rows], dtype))
-      parts["labels"].append(labels)
-      parts["index"].append(index)
+      outputs, meta = devices.to_host(pending)
+      valid = meta[:, 0] == 1
+      present = meta[:, 2] >= 0
+      skipped.extend(int(i) for i in meta[present & ~valid, 2])
+      for name, value in outputs.items():
+        parts[name].append(np.asarray(value[valid], dtype))
+      parts["labels"].append(meta[valid, 1].astype(np.int32))
+      parts["index"].append(meta[valid, 2].astype(np.int64))
 
     def write_chunk(c):
       for name, values in parts.items():
         array = np.concatenate(values)
         if name not in ("labels", "index"):
           manifest["features"][name] = {"shape": list(array.shape[1:]), "dtype": dtype}
-        _write_atomic(os.path.join(out_dir, f"{name}-{c:05d}.npy"), lambda f, a=array: np.save(f, a))
-      manifest["chunks"][str(c)] = {"rows": int(sum(map(len, parts["labels"]))), "skipped": skipped[:]}
-      store_manifest()
+        if writer:
+          store_lib.write_atomic(os.path.join(out_dir, f"{name}-{c:05d}.npy"), lambda f, a=array: np.save(f, a))
+      manifest["chunks"][str(c)] = {"rows": int(sum(map(len, parts["labels"]))), "skipped": sorted(skipped)}
+      if writer:
+        store_lib.save_manifest(out_dir, manifest)
       computed.append(c)
       parts.clear()
       skipped.clear()
@@ -440,153 +304,31 @@ def extract_features(
         on_chunk(c)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for pos, ((c, idx), items) in enumerate(_prefetch(dataset, batches, transform, pool, lookahead=2)):
-        ok = [j for j, (image, _) in enumerate(items) if image is not None]
-        skipped += [int(idx[j]) for j in range(len(items)) if items[j][0] is None]
-        if ok:
-          images = pad_rows(np.stack([items[j][0] for j in ok]), global_batch)
-          pending = (fn(images), len(ok), np.asarray([items[j][1] for j in ok], np.int32), idx[ok].astype(np.int64))
-        else:
-          pending = None
+      for pos, ((c, idx, my_idx), items) in enumerate(_prefetch(dataset, batches, transform, pool, lookahead=2)):
+        images = np.zeros((local_rows,) + image_shape, np.float32)
+        # Per row: readable (1/0), label, dataset index (-1 for padding). Assembled like the images,
+        # so every process learns every row's fate.
+        meta = np.full((local_rows, 3), -1, np.int64)
+        meta[:, 0] = 0
+        for j, (image, label) in enumerate(items):
+          meta[j] = (image is not None, label, my_idx[j])
+          if image is not None:
+            images[j] = image
+        pending = (fn(devices.global_batch(mesh, images, global_rows)),
+                   devices.global_batch(mesh, meta, global_rows))
         if in_flight is not None:
           fetch(in_flight)
         in_flight = pending
         progress.update(len(idx))
         if pos + 1 == len(batches) or batches[pos + 1][0] != c:
-          if in_flight is not None:
-            fetch(in_flight)
-            in_flight = None
-          if not parts:  # every image of the chunk was unreadable: keep empty, well-formed files
-            for name, shape in feature_shapes(backbone.config, spec).items():
-              parts[name].append(np.zeros((0,) + shape, dtype))
-            parts["labels"].append(np.zeros((0,), np.int32))
-            parts["index"].append(np.zeros((0,), np.int64))
+          fetch(in_flight)
+          in_flight = None
           write_chunk(c)
     if log:
       n_skipped = sum(len(v["skipped"]) for v in manifest["chunks"].values())
       log(f"features {dataset.name}: done, {n - n_skipped} images in {out_dir}"
           + (f"; {n_skipped} unreadable images skipped" if n_skipped else ""))
+  devices.barrier(f"features-done-{out_dir}")  # the files are on disk before any process reads them
   store = FeatureStore(out_dir)
   store.computed_chunks = computed
   return store
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared by the evaluation commands (`python -m dinov2_jax.eval.knn` / `.linear`).
-
-MODEL_OVERRIDE_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "num_register_tokens",
-                         "interpolate_offset", "interpolate_antialias", "dtype")
-
-
-def add_common_config(config, *, output_dir: str) -> None:
-  """Fields every evaluation config has: model, weights, data, extraction settings, output folder."""
-  import ml_collections
-  from ml_collections import config_dict
-
-  config.weights = ""  # a weights file for load_backbone; empty: random weights of model.preset
-  config.model = ml_collections.ConfigDict()
-  config.model.preset = "dinov2_vits14"  # architecture of the random weights when `weights` is empty
-  for field, kind in zip(MODEL_OVERRIDE_FIELDS, (int, int, int, int, int, int, float, bool, str)):
-    config.model[field] = config_dict.placeholder(kind)  # ViTConfig overrides; None: keep
-  config.seed = 0  # random-weights seed
-  config.resolution = 224
-  config.resize_size = 0  # 0: resolution * 256 / 224 (Meta's 256 for 224)
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "demo"  # "demo", "folder" or a prepared TFDS name ("imagenet2012")
-  config.dataset.data_dir = ""  # folder root / TFDS data dir ("" = TFDS default)
-  config.dataset.train_split = "train"
-  config.dataset.eval_split = "test"
-  config.dataset.image_key = "image"
-  config.dataset.label_key = "label"
-  config.dataset.train_limit = 0  # >0: a fixed random subset of that many images (quick runs)
-  config.dataset.eval_limit = 0
-  config.batch_size = 64  # images per extraction step, over all devices
-  config.chunk_size = 4096  # images per feature file (the resume granularity)
-  config.num_workers = 0  # decoding threads; 0 = CPU count
-  config.feature_dtype = "float32"
-  config.output_dir = output_dir
-
-
-def backbone_from_config(config):
-  """The `Backbone` named by `config.weights` (or random weights of `config.model.preset`)."""
-  from dinov2_jax.api import create_pretrained_like, load_backbone
-  overrides = {f: config.model[f] for f in MODEL_OVERRIDE_FIELDS if config.model.get(f) is not None}
-  if config.weights:
-    return load_backbone(config.weights, **overrides)
-  return create_pretrained_like(config.model.preset, seed=config.seed, **overrides)
-
-
-def datasets_from_config(config):
-  """The (train, evaluation) `ImageDataset`s named by `config.dataset` (limits applied)."""
-  from dinov2_jax.eval import datasets as ds
-  d = config.dataset
-  kw = dict(data_dir=d.data_dir or None, image_key=d.image_key, label_key=d.label_key)
-  train = ds.get_dataset(d.name, d.train_split, **kw)
-  test = ds.get_dataset(d.name, d.eval_split, class_names=train.class_names, **kw)
-  if list(test.class_names) != list(train.class_names):
-    raise ds.DatasetError(f"splits {d.train_split!r} and {d.eval_split!r} have different classes")
-  return ds.limit_examples(train, d.train_limit), ds.limit_examples(test, d.eval_limit)
-
-
-def features_from_config(config, backbone, spec: FeatureSpec, log=log_print) -> tuple[FeatureStore, FeatureStore]:
-  """Extracts (or reuses) the train and evaluation split features under `output_dir/features/`."""
-  d = config.dataset
-  stores = []
-  for split, data in zip((d.train_split, d.eval_split), datasets_from_config(config)):
-    tag = "".join(ch if ch.isalnum() else "_" for ch in split)
-    out = os.path.join(config.output_dir, "features", f"{tag}_blocks{spec.n_last_blocks}")
-    stores.append(extract_features(
-        backbone, data, out, resolution=config.resolution, resize_size=config.resize_size or None,
-        batch_size=config.batch_size, chunk_size=config.chunk_size, spec=spec, dtype=config.feature_dtype,
-        num_workers=config.num_workers or None, log=log))
-  return stores[0], stores[1]
-
-
-def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
-  """Rows of dicts -> a GitHub markdown table (floats with 2 decimals)."""
-  columns = columns or list(rows[0])
-  fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
-
-
-def write_report(out_dir: str, name: str, results: Mapping[str, Any], table: str, log=log_print) -> None:
-  """Writes `<name>.json` and `<name>.md` to `out_dir` and prints the table."""
-  os.makedirs(out_dir, exist_ok=True)
-  _write_atomic(os.path.join(out_dir, f"{name}.json"), lambda f: json.dump(results, f, indent=1), mode="w")
-  _write_atomic(os.path.join(out_dir, f"{name}.md"), lambda f: f.write(table + "\n"), mode="w")
-  if log:
-    log(table)
-    log(f"results written to {os.path.join(out_dir, name)}.json and .md")
-
-
-def run_with_config_file(run: Callable[[Any], dict], module: str, config_file: str,
-                         argv: Sequence[str] | None = None) -> dict:
-  """`python -m <module> --config <config_file> [--config.FIELD=VALUE ...]` -> `run(config)`.
-
-  Uses private absl flags so an entry point can run twice in one process (tests, notebooks).
-  """
-  from absl import flags
-  from ml_collections import config_flags
-  argv = list(argv if argv is not None else sys.argv)
-  flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, f"a {os.path.basename(config_file)} config file",
-                                  flag_values=flag_values, lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  if flag_values.config is None:
-    raise SystemExit(f"usage: python -m {module} --config {config_file} [--config.FIELD=VALUE ...]")
-  return run(flag_values.config)
-
-
-def apply_dataset_variant(config, arg) -> None:
-  """The `:demo` (default) / `:imagenet` variants shared by configs/eval_knn.py and eval_linear.py."""
-  if arg in (None, "", "demo"):
-    config.resolution = 56
-  elif arg == "imagenet":
-    config.dataset.name = "imagenet2012"
-    config.dataset.eval_split = "validation"
-    config.batch_size = 256
-    config.chunk_size = 16384
-  else:
-    raise ValueError(f"unknown config variant {arg!r}; use demo or imagenet")

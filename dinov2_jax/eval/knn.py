@@ -17,7 +17,15 @@ classes score >= the true class. Meta's `torch.topk` leaves ties unspecified; wi
 features they do not occur, except among zero-score classes when the true class has none, where
 Meta's result would depend on torch's tie order and ours is always a miss.
 
-  python -m dinov2_jax.eval.knn --config configs/eval_knn.py [--config.weights=vitb14.pth ...]
+Multi-host: the features are extracted by all processes together; the protocol then runs on each
+process's own devices (every process computes the same result; process 0 writes it).
+
+The command (the recipe `dinov2_jax/configs/eval_knn.py` documents the fields and expected results):
+
+  python -m dinov2_jax.eval.knn [--config eval_knn[:imagenet] | --config FILE] [--config.FIELD=VALUE ...]
+  python -m dinov2_jax.eval.knn --config.weights=dinov2_vitb14_pretrain.pth \\
+      --config.dataset.kind=folder --config.dataset.path=DIR     # DIR/train/<class>/*, DIR/val/<class>/*
+  python -m dinov2_jax.eval.knn --help                           # every field and its default
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dinov2_jax.eval import command
+from dinov2_jax.eval import config as eval_config
+from dinov2_jax.eval import devices
 from dinov2_jax.eval import features as F
+from dinov2_jax.eval.metrics import topk_correct
+from dinov2_jax.eval.progress import Progress, log_print
 
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
@@ -43,16 +56,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """Row-wise x / max(||x||, eps) in float32 (torch's F.normalize)."""
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """(Q, C) scores, (Q,) labels -> (Q,) bool: fewer than k other classes score >= the true class.
-
-  Ties count against the true class; a NaN score counts as beating it, and a NaN true score is wrong.
-  """
-  true = jnp.take_along_axis(scores, labels[:, None], axis=1)
-  others_ge = jnp.sum((scores >= true) | jnp.isnan(scores), axis=1) - 1
-  return (others_ge < k) & ~jnp.isnan(true[:, 0])
 
 
 def class_scores(topk_sims: jax.Array, topk_labels: jax.Array, num_classes: int, ks: Sequence[int] = KS,
@@ -81,7 +84,7 @@ def _iter_bank(bank, bank_labels, chunk: int) -> Iterator[tuple[np.ndarray, np.n
   def emit():
     x = np.concatenate(buf).astype(np.float32, copy=False)
     y = np.concatenate(buf_labels).astype(np.int32, copy=False)
-    return F.pad_rows(x, chunk), F.pad_rows(y, chunk), len(x)
+    return devices.pad_rows(x, chunk), devices.pad_rows(y, chunk), len(x)
 
   for part, part_labels in zip(parts, label_parts):
     start = 0
@@ -145,20 +148,20 @@ def knn_topk(
     k: neighbours to keep; k > N keeps N real neighbours plus (-inf, -1) fillers.
     bank_chunk: bank rows per device step (all devices see the whole chunk).
     query_block: queries per matmul inside a step, per device.
-    mesh: 1-D "data" mesh over which the queries are split (default: all devices).
+    mesh: 1-D "data" mesh over which the queries are split (default: this process's devices).
     precision: matmul precision ("highest": exact float32 similarities also on TF32/bf16 hardware).
 
   Returns:
     (Q, k) float32 similarities, descending, and (Q, k) int32 labels.
   """
-  mesh = mesh or F.data_mesh()
+  mesh = mesh or devices.local_mesh()
   q = np.asarray(queries, np.float32)
   n_q = len(q)
   query_block = max(1, min(query_block, -(-n_q // mesh.size)))
-  padded = F.round_up(max(n_q, 1), mesh.size * query_block)
+  padded = devices.round_up(max(n_q, 1), mesh.size * query_block)
   shard = NamedSharding(mesh, P("data"))
   blocks = padded // query_block
-  q_dev = jax.device_put(F.pad_rows(q, padded).reshape(blocks, query_block, -1), shard)
+  q_dev = jax.device_put(devices.pad_rows(q, padded).reshape(blocks, query_block, -1), shard)
   q_dev = jax.jit(l2_normalize, out_shardings=shard)(q_dev)
   sims = jax.device_put(np.full((blocks, query_block, k), -np.inf, np.float32), shard)
   labels = jax.device_put(np.full((blocks, query_block, k), -1, np.int32), shard)
@@ -166,7 +169,7 @@ def knn_topk(
   bank_chunk = max(1, min(bank_chunk, n_bank))
   step = _merge_step(mesh, k, bank_chunk, precision)
   replicated = NamedSharding(mesh, P())
-  progress = F.Progress(n_bank, "k-NN bank", unit="rows", log=log)
+  progress = Progress(n_bank, "k-NN bank", unit="rows", log=log)
   chunks = _iter_bank(bank, bank_labels, bank_chunk)
   put = lambda c: None if c is None else (*jax.device_put(c[:2], replicated), c[2])  # noqa: E731
   upcoming = put(next(chunks, None))
@@ -228,8 +231,8 @@ def knn_evaluate(
   n_q = len(test_labels)
   for start in range(0, n_q, batch):
     stop = min(start + batch, n_q)
-    rows = F.round_up(stop - start, 8) if n_q > batch else stop - start  # few distinct shapes
-    pad = lambda a: F.pad_rows(a[start:stop], rows)  # noqa: E731
+    rows = devices.round_up(stop - start, 8) if n_q > batch else stop - start  # few distinct shapes
+    pad = lambda a: devices.pad_rows(a[start:stop], rows)  # noqa: E731
     valid = np.arange(rows) < stop - start
     counts = _accuracy_counts(pad(sims), pad(nbr_labels), pad(test_labels), valid, num_classes=num_classes,
                               ks=ks, temperature=temperature)
@@ -250,43 +253,53 @@ def knn_evaluate(
 # The command.
 
 
-def run(config, log=F.log_print) -> dict:
-  """Extracts (or reuses) features, runs the k-NN protocol and writes `knn_results.{json,md}`."""
+def run(config, log=log_print) -> dict:
+  """Extracts (or reuses) features, runs the k-NN protocol and writes `knn_results.{json,md}`.
+
+  Returns the results dict (also in every process of a multi-host run).
+  """
   t0 = time.perf_counter()
-  backbone = F.backbone_from_config(config)
+  out_dir = eval_config.output_dir(config, "knn")
+  resolution, why = eval_config.resolution(config)
+  backbone = eval_config.backbone_from_config(config)
+  eval_config.check_resolution(resolution, backbone.config.patch_size)
+  if log:
+    log(f"k-NN: {config.weights or 'random ' + config.model.preset + ' weights'}, {config.dataset.kind} data, "
+        f"{resolution} px ({why}); output in {out_dir}")
   # k-NN needs only the final CLS token; no intermediate blocks are stored.
-  train, test = F.features_from_config(config, backbone, F.FeatureSpec(n_last_blocks=0), log=log)
+  train, test = command.features_from_config(config, backbone, F.FeatureSpec(n_last_blocks=0), out_dir, resolution,
+                                              log=log)
   num_classes = len(train.class_names)
   result = knn_evaluate(
       train.chunks("cls"), train.chunks("labels"), test.load("cls"), test.labels, num_classes,
       ks=tuple(config.knn.ks), temperature=config.knn.temperature, bank_chunk=config.knn.bank_chunk,
       query_block=config.knn.query_block, log=log)
   rows = [{"k": k, "top-1": m["top1"], "top-5": m["top5"]} for k, m in result["k"].items()]
-  table = F.markdown_table(rows)
-  header = (f"k-NN (T={config.knn.temperature}) on {config.dataset.name}: {result['num_train']} train / "
-            f"{result['num_queries']} eval images, {config.weights or 'random ' + config.model.preset} "
-            f"at {config.resolution}px")
+  header = (f"k-NN (T={config.knn.temperature}) on {config.dataset.kind} data: {result['num_train']} train / "
+            f"{result['num_queries']} eval images, {num_classes} classes, "
+            f"{config.weights or 'random ' + config.model.preset} at {resolution}px")
   results = {
       "protocol": "knn",
       "weights": config.weights or None,
       "model": dataclasses.asdict(backbone.config),
       "dataset": config.dataset.to_dict(),
-      "resolution": config.resolution,
+      "splits": dict(zip(("train", "eval"), eval_config.splits(config))),
+      "resolution": resolution,
       "temperature": config.knn.temperature,
       "num_train": result["num_train"],
       "num_eval": result["num_queries"],
-      "skipped_unreadable": {"train": len(train.skipped), "eval": len(test.skipped)},
+      **command.data_summary(train, test),
       "results": {str(k): m for k, m in result["k"].items()},
       "best": max(({"k": k, **m} for k, m in result["k"].items()), key=lambda r: r["top1"]),
       "elapsed_s": round(time.perf_counter() - t0, 1),
   }
-  F.write_report(config.output_dir, "knn_results", results, f"{header}\n\n{table}", log=log)
+  command.write_report(out_dir, "knn_results", results, f"{header}\n\n{command.markdown_table(rows)}", log=log)
   return results
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  """Entry point: `python -m dinov2_jax.eval.knn --config configs/eval_knn.py [--config.x=y ...]`."""
-  return F.run_with_config_file(run, "dinov2_jax.eval.knn", "configs/eval_knn.py", argv)
+def main(argv: Sequence[str] | None = None) -> None:
+  """Entry point: `python -m dinov2_jax.eval.knn [--config RECIPE_OR_FILE] [--config.FIELD=VALUE ...]`."""
+  command.run_command(run, __doc__, "eval_knn", argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Meta's `ssl_default_config.yaml` as an ml_collections ConfigDict, plus the JAX-side settings.
 
 Section and field names follow Meta's YAML (`dino`, `ibot`, `student`, `teacher`, `optim`, `crops`)
-so a Meta config maps over field by field. Files in `configs/` start from `get_default_config()`.
+so a Meta config maps over field by field. Files in `dinov2_jax/configs/` start from `get_default_config()`.
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ def train(config, workdir: str, *, make_data_iterator: Callable | None = None,
   Every process of a multi-host run calls it with the same arguments.
 
   Args:
-    config: an ml_collections config (see dinov2_jax/train/default_config.py and configs/).
+    config: an ml_collections config (see dinov2_jax/train/default_config.py and dinov2_jax/configs/).
     workdir: checkpoints, logs and exports go here; an existing run in it is resumed.
     make_data_iterator: `(config, patch_size, start_step=, num_shards=, shards=) -> iterator`
       override (tests); it must yield this process's shards' rows (dinov2_jax/data/layout.py).

@@ -290,6 +290,38 @@ def meta_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
+def hf_config(cfg) -> dict:
+  """The transformers `config.json` of a backbone (`ViTConfig`), for `Dinov2Model.from_pretrained(dir)`.
+
+  Registers give `Dinov2WithRegistersModel`. Raises ValueError for what transformers' Dinov2 cannot
+  express (no LayerScale, bias-free projections, an identity FFN).
+  """
+  problems = []
+  if not cfg.init_values:
+    problems.append("no LayerScale (transformers' Dinov2 always has it)")
+  if not (cfg.proj_bias and cfg.ffn_bias):
+    problems.append("bias-free attention output or FFN layers")
+  if cfg.ffn_layer not in ("mlp", "swiglu", "swiglufused"):
+    problems.append(f"ffn_layer={cfg.ffn_layer!r}")
+  if problems:
+    raise ValueError(f"transformers' Dinov2 cannot load this backbone: {'; '.join(problems)}")
+  registers = int(cfg.num_register_tokens)
+  config = {
+      "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+      "model_type": "dinov2_with_registers" if registers else "dinov2",
+      "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+      # An int where it is one: recent transformers versions check the type.
+      "mlp_ratio": int(cfg.mlp_ratio) if float(cfg.mlp_ratio).is_integer() else cfg.mlp_ratio, "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": cfg.img_size,
+      "patch_size": cfg.patch_size, "num_channels": cfg.in_chans, "qkv_bias": cfg.qkv_bias,
+      "layerscale_value": float(cfg.init_values), "use_swiglu_ffn": cfg.ffn_layer != "mlp", "drop_path_rate": 0.0,
+      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+      "use_mask_token": True,
+  }
+  if registers:
+    config["num_register_tokens"] = registers
+  return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Architecture inference.
 

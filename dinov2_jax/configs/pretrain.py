@@ -1,6 +1,6 @@
 """DINOv2 pretraining recipes following Meta's configs. Pick one with the config argument:
 
-    python -m dinov2_jax.main --config configs/pretrain.py:vitl14 --workdir $WORKDIR \
+    python -m dinov2_jax.main --config pretrain:vitl14 --workdir $WORKDIR \
         --config.dataset.kind=tfds --config.dataset.name=imagenet2012 --config.dataset.data_dir=$TFDS_DIR
 
   vitl16_short  Meta's ssl_default_config.yaml + vitl16_short.yaml: ViT-L/16, 65536 prototypes, shared
@@ -25,7 +25,7 @@ VARIANTS = ("vits14", "vitb14", "vitl16_short", "vitl14", "vitg14")
 
 def get_config(arg="vitl16_short"):
   if arg not in VARIANTS:
-    raise ValueError(f"configs/pretrain.py:{arg}: unknown variant; choose one of {VARIANTS}")
+    raise ValueError(f"unknown variant {arg!r} of the pretrain recipe; choose one of {VARIANTS}")
   c = get_default_config()
   c.dataset.update(kind="tfds", name="imagenet2012", split="train")
   c.checkpoint_every_steps = 3 * c.epoch_length  # Meta's period: 3 "epochs"

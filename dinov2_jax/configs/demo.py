@@ -1,6 +1,7 @@
 """Demo pretraining: a small ViT on the embedded demo dataset (scikit-learn digits), CPU-sized.
 
-    python -m dinov2_jax.main --config configs/demo.py --workdir /tmp/dinov2_demo
+    python -m dinov2_jax.main --config dinov2_jax/configs/demo.py --workdir /tmp/dinov2_demo
+    dinov2-jax-train --config demo --workdir /tmp/dinov2_demo      # the same recipe by name, from any folder
 
 Runs DINOv2's full recipe (DINO + iBOT + KoLeo, EMA teacher, 2 global + 8 local crops, block
 masking, Meta's schedules and optimizer) on 28-px digits with a 4-block ViT of patch 7, and prints
