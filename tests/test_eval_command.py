@@ -98,7 +98,7 @@ def test_folder_walkthrough_corrupt_file_empty_class_and_data_change(tmp_path):
     ("--config.dataset.kind=folder --config.dataset.path=/no/such/folder", "does not exist"),
     ("--config.dataset.kind=imagefolder", "expected one of ('demo', 'folder', 'tfds')"),
     ("--config.weights=/no/such/weights.pth", "no such file"),
-    ("--config.resolution=30", "not a multiple of the patch size 14; resize or crop to 28 or 42"),
+    ("--config.resolution=30", "not a multiple of the patch size=14; nearest valid sizes: 28 or 42"),
     ("--config.knn.kss=(5,)", "knn of eval_knn has no field 'kss'; did you mean 'ks'?"),
 ])
 def test_user_errors_are_one_line(tmp_path, override, message):

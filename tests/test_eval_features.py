@@ -110,7 +110,7 @@ def test_other_resolutions_and_clear_errors(backbone, digits, tmp_path):
   store = _extract(backbone, D.limit_examples(digits, 8), tmp_path / "r42", resolution=42,
                    spec=F.FeatureSpec(0))
   assert store.load("cls").shape == (8, 32) and "cls_blocks" not in store.names
-  with pytest.raises(ValueError, match="multiple of the patch size 14; resize or crop to 28 or 42"):
+  with pytest.raises(ValueError, match="multiple of the patch size=14; nearest valid sizes: 28 or 42"):
     _extract(backbone, digits, tmp_path / "r30", resolution=30)
   other = Backbone(nnx.merge(backbone.graphdef, jax.tree.map(lambda x: x * 1.01, backbone.params)))
   with pytest.raises(F.FeatureCacheMismatch, match="the weights changed"):

@@ -381,3 +381,57 @@ def test_mesh_from_topology_and_logical_activation_axes():
   out = jax.jit(lambda x: constrain(x * 2.0, ("batch", "prototypes")))(jnp.ones((8, 6)))
   assert out.sharding.spec == jax.sharding.PartitionSpec("data", "fsdp")
   np.testing.assert_array_equal(np.asarray(out), 2.0)
+
+
+def test_ordinary_steps_do_not_wait_for_the_device(tmp_path, monkeypatch):
+  # Metrics stay on the device; the loop fetches them only at log and checkpoint steps, all the
+  # pending ones at once (so the next batch's transfer and the step overlap).
+  c = tiny_config()
+  c.update(log_every_steps=4, checkpoint_every_steps=100, export_teacher=False)  # 8 steps
+  fetches = []
+  real_device_get = jax.device_get
+
+  def recording_device_get(tree):
+    if isinstance(tree, list) and tree and isinstance(tree[0], dict) and "total_loss" in tree[0]:
+      fetches.append(len(tree))
+    return real_device_get(tree)
+
+  monkeypatch.setattr(jax, "device_get", recording_device_get)
+  result = trainer.train(c, str(tmp_path), make_data_iterator=ArrayIterator)
+  assert result["step"] == 8
+  assert fetches == [1, 3, 4]  # steps 1 (the first log line), 2-4 and 5-8: 3 waits for 8 steps
+  assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1, 4, 8]
+
+
+def test_uint8_crops_normalised_on_the_device_equal_host_normalisation():
+  from dinov2_jax.data.normalize import imagenet_normalize
+  c = tiny_config()
+  c.student.drop_path_rate = 0.0
+  arch = make_arch(c)
+  student = init_student_params(c, 0)
+  tx = build_optimizer_for(student, c)
+  tables = {k: jnp.asarray(v) for k, v in trainer.schedules_from_config(c).tables().items()}
+  step = jax.jit(make_train_step(arch, tx))
+  batch = make_batch(c, 0)
+  rng = np.random.default_rng(0)
+  raw = {k: rng.integers(0, 256, batch[k].shape, np.uint8) for k in ("global_crops", "local_crops")}
+  on_host = {**batch, **{k: imagenet_normalize(v) for k, v in raw.items()}}
+  on_device = {**batch, **raw}
+  m_host = step(init_train_state(student, tx, c, 0), on_host, tables)[1]
+  m_device = step(init_train_state(student, tx, c, 0), on_device, tables)[1]
+  for k in ("total_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss"):
+    np.testing.assert_allclose(float(m_device[k]), float(m_host[k]), rtol=1e-6, err_msg=k)
+
+
+def test_device_batches_prefetch_keeps_the_pipeline_state_of_each_batch():
+  c = tiny_config()
+  feeder = trainer.ShardFeeder(sharding.batch_sharding(sharding.make_mesh((("data", 8),))))
+  data = ArrayIterator(c, 7, num_shards=8, shards=feeder.shards)
+  batches = trainer.DeviceBatches(data, feeder, depth=2)
+  for k in range(3):
+    batch, state = batches.next()
+    assert state == {"step": k + 1}  # a checkpoint after this batch resumes at the next one
+    want = make_batch(c, k, 8)
+    for key in trainer.STEP_KEYS:
+      np.testing.assert_array_equal(np.asarray(batch[key]), want[key])
+  assert data.step == 5  # the pipeline itself ran `depth` = 2 batches ahead of the 3 consumed
