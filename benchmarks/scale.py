@@ -22,7 +22,10 @@ device and per step:
       group size), loops counted by their known trip counts; over the FSDP minimum: the student
       parameters all-gathered over the fsdp axis for the forward and again for the backward, the
       teacher's for its forward (in the compute dtype), and the float32 gradients reduce-scattered
-      over fsdp and all-reduced over data (Meta's FSDP setup: param_dtype fp16 gathers).
+      over fsdp and all-reduced over data (Meta's FSDP setup: param_dtype fp16 gathers). XLA:CPU
+      writes a reduce-scatter as an all-reduce whose result each device slices (twice the bytes);
+      the GPU and TPU pipelines turn that pattern into a reduce-scatter (ReduceScatterCreator), so
+      a second figure counts those all-reduces as reduce-scatters.
   (c) Parameter + optimizer state bytes per device, from the shardings (exact).
   Also the compile time of the scanned step (`scan_blocks`, as the recipes train) and of the
   unrolled one, and XLA:CPU's memory analysis (which does not model remat's savings on CPU).
@@ -163,7 +166,29 @@ def collective_bytes(hlo: str, n_devices: int) -> dict[str, float]:
       runs[comp] = 1 if comp == entry else sum(count(p) * f for p, f in parents.get(comp, []))
     return runs[comp]
 
+  # Which values are only ever sliced per device (`dynamic-slice` by partition id, possibly fused,
+  # after `get-tuple-element`): an all-reduce of those is a reduce-scatter written out, which the
+  # GPU and TPU pipelines (XLA's ReduceScatterCreator) emit as one and XLA:CPU does not.
+  users: dict[str, list[str]] = {}
+  for lines in computations.values():
+    for line in lines:
+      m = re.match(r"\s*(%[\w.\-]+) = ", line)
+      if m:
+        for operand in set(re.findall(r"(%[\w.\-]+)[,)]", line.split("=", 1)[1])):
+          users.setdefault(operand, []).append(line)
+
+  def only_sliced(value: str) -> bool:
+    uses = users.get(value, [])
+    for use in uses:
+      if " get-tuple-element(" in use:
+        if not only_sliced(re.match(r"\s*(%[\w.\-]+) = ", use).group(1)):
+          return False
+      elif "dynamic-slice" not in use.split("=", 1)[0] + use.split("(", 1)[0]:
+        return False
+    return bool(uses)
+
   out = {kind: 0.0 for kind in COLLECTIVES}
+  out["all-reduce sliced per device"] = 0.0
   for comp, lines in computations.items():
     for line in lines:
       for kind in COLLECTIVES:
@@ -173,12 +198,20 @@ def collective_bytes(hlo: str, n_devices: int) -> dict[str, float]:
           size = _shape_bytes(shape)
           if kind == "all-reduce":
             moved = 2 * size * (n - 1) / n
+            if only_sliced(re.match(r"\s*(%[\w.\-]+) = ", line).group(1)):
+              out["all-reduce sliced per device"] += moved * count(comp)
           elif kind == "reduce-scatter":
             moved = size * (n - 1)  # the result is 1/n of the reduced array
           else:
             moved = size * (n - 1) / n
           out[kind] += moved * count(comp)
   return out
+
+
+def as_reduce_scatter(collectives: dict[str, float]) -> float:
+  """Total bytes if every all-reduce that is only sliced per device were a reduce-scatter (half the
+  bytes of a ring all-reduce), as the GPU/TPU pipelines compile it."""
+  return sum(v for k, v in collectives.items() if k in COLLECTIVES) - collectives["all-reduce sliced per device"] / 2
 
 
 def fsdp_minimum_bytes(student_bytes_f32: int, compute_itemsize: int, data: int, fsdp: int) -> float:
@@ -287,25 +320,28 @@ def run(args, model: str) -> dict:
 
 def report(results: list[dict]) -> str:
   gib = 2 ** 30
-  rows = ["| recipe | devices (data x fsdp) | batch/device | (a) compiled / model FLOPs | (b) collective bytes / FSDP minimum "
-          "(unrolled, scanned) | (c) params + opt state / device | compile s (unrolled, scanned) |",
+  rows = ["| recipe | devices (data x fsdp) | batch/device | (a) compiled / model FLOPs | (b) collective bytes / FSDP "
+          "minimum: as XLA:CPU compiles it (unrolled, scanned); with reduce-scatters as GPU/TPU compile them | "
+          "(c) params + opt state / device | compile s (unrolled, scanned) |",
           "|---|---|---|---|---|---|---|"]
   for r in results:
     flops = r["compiled_flops"] / r["model_flops"]["total"]
-    coll = [sum(r[f"collective_bytes_{k}"].values()) / r["fsdp_minimum_bytes"] for k in ("unrolled", "scanned")]
+    coll = [sum(v for k, v in r[f"collective_bytes_{key}"].items() if k in COLLECTIVES) / r["fsdp_minimum_bytes"]
+            for key in ("unrolled", "scanned")]
+    rs = [as_reduce_scatter(r[f"collective_bytes_{key}"]) / r["fsdp_minimum_bytes"] for key in ("unrolled", "scanned")]
     state = r["state_per_device_bytes"]
     rows.append(
         f"| {r['model']} ({r['n_student_params'] / 1e9:.2f} B student params, {r['compute_dtype']}, remat "
         f"{r['remat_policy']}) | {r['devices']} ({r['mesh']['data']} x {r['mesh']['fsdp']}) | {r['per_device']} | "
         f"{flops:.3f} ({r['compiled_flops'] / 1e12:.2f} / {r['model_flops']['total'] / 1e12:.2f} TFLOP) | "
-        f"{coll[0]:.3f}, {coll[1]:.3f} ({sum(r['collective_bytes_unrolled'].values()) / gib:.2f} / "
+        f"{coll[0]:.2f}, {coll[1]:.2f}; **{rs[0]:.2f}, {rs[1]:.2f}** ({coll[0] * r['fsdp_minimum_bytes'] / gib:.2f} / "
         f"{r['fsdp_minimum_bytes'] / gib:.2f} GiB) | "
         f"{(state['student'] + state['teacher'] + state['opt_state']) / gib:.2f} GiB (student "
         f"{state['student'] / gib:.2f}, teacher {state['teacher'] / gib:.2f}, Adam {state['opt_state'] / gib:.2f}) | "
         f"{r['compile_s_unrolled']:.0f}, {r['compile_s_scanned']:.0f} |")
   details = []
   for r in results:
-    details.append(f"{r['model']}: collectives by kind (unrolled, GiB/device/step): " + ", ".join(
+    details.append(f"{r['model']}: collectives (unrolled, GiB/device/step): " + ", ".join(
         f"{k} {v / gib:.3f}" for k, v in r["collective_bytes_unrolled"].items() if v) +
         f"; XLA:CPU memory analysis: temp {r['memory_analysis']['temp_size_in_bytes'] / gib:.1f} GiB, arguments "
         f"{r['memory_analysis']['argument_size_in_bytes'] / gib:.2f} GiB")
