@@ -177,15 +177,38 @@ def collective_bytes(hlo: str, n_devices: int) -> dict[str, float]:
         for operand in set(re.findall(r"(%[\w.\-]+)[,)]", line.split("=", 1)[1])):
           users.setdefault(operand, []).append(line)
 
-  def only_sliced(value: str) -> bool:
+  def only_sliced(value: str, depth: int = 0) -> bool:
+    """True if every use of `value` ends in a per-device slice: a dynamic-slice, or a fusion that
+    takes the partition id (the slice offset), possibly after get-tuple-element, dtype conversions,
+    or after adding other such values (the gradient contributions of one parameter are summed after
+    reduction)."""
     uses = users.get(value, [])
+    if not uses or depth > 4:
+      return False
     for use in uses:
-      if " get-tuple-element(" in use:
-        if not only_sliced(re.match(r"\s*(%[\w.\-]+) = ", use).group(1)):
-          return False
-      elif "dynamic-slice" not in use.split("=", 1)[0] + use.split("(", 1)[0]:
-        return False
-    return bool(uses)
+      result = re.match(r"\s*(%[\w.\-]+) = ", use).group(1)
+      opcode_and_name = use.split("(", 1)[0]
+      if "dynamic-slice" in opcode_and_name or "%partition-id" in use:
+        continue
+      passthrough = re.search(r"%(?:wrapped_)?(?:convert|bitcast|copy|add)[\w.\-]*$", result)
+      if " get-tuple-element(" in use or passthrough or " add(" in use or " convert(" in use:
+        if only_sliced(result, depth + 1):
+          continue
+      return False
+    return True
+
+  def _sliced_bytes(value: str, shape: str) -> int:
+    """Bytes of the all-reduce `value` whose results are only sliced per device (per tuple element:
+    XLA combines many small all-reduces into one tuple, replicated and sharded leaves mixed)."""
+    elements = re.findall(r"\b[a-z]+[0-9]*\[[0-9,]*\]", shape)
+    if len(elements) <= 1:
+      return _shape_bytes(shape) if only_sliced(value) else 0
+    total = 0
+    for use in users.get(value, []):
+      m = re.match(r"\s*(%[\w.\-]+) = .* get-tuple-element\(.*index=(\d+)", use)
+      if m and only_sliced(m.group(1)):
+        total += _shape_bytes(elements[int(m.group(2))])
+    return total
 
   out = {kind: 0.0 for kind in COLLECTIVES}
   out["all-reduce sliced per device"] = 0.0
@@ -198,8 +221,8 @@ def collective_bytes(hlo: str, n_devices: int) -> dict[str, float]:
           size = _shape_bytes(shape)
           if kind == "all-reduce":
             moved = 2 * size * (n - 1) / n
-            if only_sliced(re.match(r"\s*(%[\w.\-]+) = ", line).group(1)):
-              out["all-reduce sliced per device"] += moved * count(comp)
+            sliced = _sliced_bytes(re.match(r"\s*(%[\w.\-]+) = ", line).group(1), shape)
+            out["all-reduce sliced per device"] += 2 * sliced * (n - 1) / n * count(comp)
           elif kind == "reduce-scatter":
             moved = size * (n - 1)  # the result is 1/n of the reduced array
           else:

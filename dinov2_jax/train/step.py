@@ -48,6 +48,26 @@ def _teacher_targets(arch: SSLArch, cls_logits, patch_logits, mask_valid, temp, 
   return dino_t, ibot_t, dino_center, ibot_center
 
 
+def _matmul_weights_in(params: dict, dtype, shardings=None) -> dict:
+  """`params` with every matmul/convolution kernel cast to the compute dtype (bf16), the rest as is.
+
+  The cast is what the layers do anyway (autocast semantics: bf16 matmul inputs), only earlier: on
+  FSDP-sharded parameters each device casts its own shard, so the all-gathers move bf16 instead of
+  float32 (half the bytes), and the kernels' gradients are reduced in bf16 as Meta's FSDP reduces
+  the backbone's in fp16. Norm scales, biases, LayerScale, tokens and the weight-normed last layer
+  (whose norm Meta takes in float32) stay float32.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+
+  def cast(path, x):
+    return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
+
+  params = jax.tree_util.tree_map_with_path(cast, params)
+  # Pinned to the parameters' own sharding, or GSPMD may gather the float32 shards first.
+  return params if shardings is None else jax.lax.with_sharding_constraint(params, shardings)
+
+
 def _heads(arch: SSLArch, params: dict):
   dino = merge(arch.dino_head, params["dino_head"])
   ibot = dino if arch.ibot_head is None else merge(arch.ibot_head, params["ibot_head"])
@@ -124,7 +144,7 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
     rng, key_global, key_local = jax.random.split(state.rng, 3)
 
     # Teacher: eval mode, no masks, no gradients.
-    teacher = jax.lax.stop_gradient(state.teacher)
+    teacher = _matmul_weights_in(jax.lax.stop_gradient(state.teacher), arch.backbone_config.dtype, param_shardings)
     t_out = merge(arch.backbone, teacher["backbone"]).forward_features(global_crops, constrain=constrain)
     (t_cls_logits,), t_patch_logits = dino_and_ibot_logits(
         _heads(arch, teacher), [t_out["x_norm_clstoken"]],
@@ -134,6 +154,7 @@ def make_train_step(arch: SSLArch, tx: optax.GradientTransformation, n_shards: i
         arch, t_cls_logits, t_patch_logits, valid, temp, state)
 
     def loss_fn(student):
+      student = _matmul_weights_in(student, arch.backbone_config.dtype, param_shardings)
       backbone = merge(arch.backbone, student["backbone"])
       # Global (masked) and local crops through the blocks together, as Meta's forward_features_list.
       crops, crop_masks, keys = [global_crops], [masks], [key_global]
