@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dinov2_jax.data import layout
 from dinov2_jax.fusion import materialize_cotangent
 from dinov2_jax.models.attention import ATTENTION_IMPLS, multi_head_attention
 from dinov2_jax.models.posemb import resample_patch_pos_embed
@@ -263,10 +264,13 @@ class Attention(nnx.Module):
     self.proj = _dense(rngs, cfg, cfg.embed_dim, cfg.embed_dim, cfg.proj_bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-    out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
-    return self.proj(out.reshape(b, n, d))
+    return self.proj(self.attend(self.qkv(x)))
+
+  def attend(self, qkv: jax.Array) -> jax.Array:
+    """(B, N, 3D) projected [q; k; v] -> (B, N, D) attention output, before `proj`."""
+    b, n, d3 = qkv.shape
+    qkv = qkv.reshape(b, n, 3, self.num_heads, d3 // (3 * self.num_heads))
+    return multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl).reshape(b, n, -1)
 
 
 class Mlp(nnx.Module):
@@ -319,6 +323,13 @@ def _residual_on_subset(x: jax.Array, residual_fn, rate: float, key: jax.Array, 
   keeps the work on each device's own shard (a global gather would replicate the batch). The sizes
   are static, so this is jit-friendly and saves the compute of the dropped samples, as in Meta.
   """
+  picked, add_back = _batch_subset(x, rate, key, groups)
+  return add_back(residual_fn(picked))
+
+
+def _batch_subset(x: jax.Array, rate: float, key: jax.Array, groups: int = 1):
+  """`_residual_on_subset` in two halves: (the subset's rows (groups * subset, ...), and a function
+  adding their residual back to `x`, rescaled)."""
   if x.shape[0] % groups:
     groups = 1
   per_group = x.shape[0] // groups
@@ -327,10 +338,28 @@ def _residual_on_subset(x: jax.Array, residual_fn, rate: float, key: jax.Array, 
   idx = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(keys)  # (groups, subset)
   grouped = x.reshape((groups, per_group) + x.shape[1:])
   picked = jax.vmap(lambda g, i: g[i])(grouped, idx)  # (groups, subset, ...)
-  residual = residual_fn(picked.reshape((groups * subset,) + x.shape[1:]))
-  residual = residual.astype(x.dtype).reshape(picked.shape) * (per_group / subset)
-  out = jax.vmap(lambda g, i, r: g.at[i].add(r))(grouped, idx, residual)
-  return out.reshape(x.shape)
+
+  def add_back(residual):
+    residual = residual.astype(x.dtype).reshape(picked.shape) * (per_group / subset)
+    return jax.vmap(lambda g, i, r: g.at[i].add(r))(grouped, idx, residual).reshape(x.shape)
+
+  return picked.reshape((groups * subset,) + x.shape[1:]), add_back
+
+
+def _concat_tokens(xs: Sequence[jax.Array], groups: int) -> jax.Array:
+  """(B_i, T_i, D) arrays -> (sum B_i T_i, D) rows, each group's (data shard's) rows kept together."""
+  if any(x.shape[0] % groups for x in xs):
+    groups = 1
+  return layout.concat_shards([x.reshape(-1, x.shape[-1]) for x in xs], groups)[0]
+
+
+def _split_tokens(rows: jax.Array, like: Sequence[jax.Array], groups: int) -> list[jax.Array]:
+  """Inverse of `_concat_tokens`, for rows of any width: -> (B_i, T_i, rows.shape[-1])."""
+  if any(x.shape[0] % groups for x in like):
+    groups = 1
+  sizes = [x.shape[0] // groups * x.shape[1] for x in like]
+  parts = layout.split_shards(rows, sizes, groups)
+  return [p.reshape(x.shape[0], x.shape[1], -1) for p, x in zip(parts, like)]
 
 
 class Block(nnx.Module):
@@ -368,6 +397,42 @@ class Block(nnx.Module):
       return _residual_on_subset(x, self._ffn_residual, self.drop_rate, key_ffn, self.drop_path_groups)
     x = x + _drop_path(self._attn_residual(x), self.drop_rate, key_attn)
     return x + _drop_path(self._ffn_residual(x), self.drop_rate, key_ffn)
+
+  def apply_list(self, xs: Sequence[jax.Array], drop_path_keys: Sequence[jax.Array | None]) -> list[jax.Array]:
+    """The block on several (B_i, T_i, D) batches at once, element i equal to `self(xs[i], keys[i])`.
+
+    The linear layers run once on all batches' tokens concatenated (attention stays per batch), as
+    Meta's nested tensors do: on a mesh each kernel then gets one gradient, reduced once, instead of
+    one per batch. Tokens are concatenated within each data shard, so no row changes device.
+    """
+    groups = self.drop_path_groups
+
+    def attn_branch(ys):
+      rows = self.attn.qkv(_concat_tokens([self.norm1(y) for y in ys], groups))
+      out = [self.attn.attend(q) for q in _split_tokens(rows, ys, groups)]
+      rows = self.attn.proj(_concat_tokens(out, groups))
+      return [self.ls1(r).astype(y.dtype) for r, y in zip(_split_tokens(rows, ys, groups), ys)]
+
+    def ffn_branch(ys):
+      rows = self.mlp(_concat_tokens([self.norm2(y) for y in ys], groups))
+      return [self.ls2(r).astype(y.dtype) for r, y in zip(_split_tokens(rows, ys, groups), ys)]
+
+    keys = [None if k is None or self.drop_rate <= 0.0 else jax.random.split(k) for k in drop_path_keys]
+    for branch, which in ((attn_branch, 0), (ffn_branch, 1)):
+      inputs, finish = [], []
+      for x, k in zip(xs, keys):
+        if k is None:
+          inputs.append(x)
+          finish.append(lambda r, x=x: x + r)
+        elif self.drop_path_mode == "meta":
+          picked, add_back = _batch_subset(x, self.drop_rate, k[which], groups)
+          inputs.append(picked)
+          finish.append(add_back)
+        else:
+          inputs.append(x)
+          finish.append(lambda r, x=x, k=k[which]: x + _drop_path(r, self.drop_rate, k))
+      xs = [f(r) for f, r in zip(finish, branch(inputs))]
+    return xs
 
 
 def check_image_shape(shape: Sequence[int], patch_size: int, in_chans: int = 3) -> None:
@@ -454,7 +519,7 @@ class DinoVisionTransformer(nnx.Module):
   def _apply_block(self, block: Block, xs: Sequence[jax.Array], keys: Sequence[jax.Array | None]) -> list[jax.Array]:
     """One block on every array of `xs`, with the configured remat policy and CPU gradient barrier."""
     def apply(blk, ys, ks):
-      return [blk(y, k) for y, k in zip(ys, ks)]
+      return [blk(ys[0], ks[0])] if len(ys) == 1 else blk.apply_list(ys, ks)
 
     if self.cfg.remat_policy != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat_policy])
